@@ -1,0 +1,5 @@
+"""Entry point for ``python -m evcli``."""
+
+from evcli.cli.app import main
+
+main()

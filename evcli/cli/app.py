@@ -1,0 +1,75 @@
+"""The ``evcli`` Typer application and its error handling (one line per user mistake, exit codes).
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage or recipe error, 3 data/checkpoint missing or
+unreadable, 4 hardware requirement not met, 130 interrupted. ``EVCLI_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from evcli import __version__
+from evcli.cli import env as env_cmd
+from evcli.cli import mix as mix_cmd
+from evcli.cli import recipe_cmd
+from evcli.console import error
+from evcli.errors import EXIT_HARDWARE, EXIT_INTERRUPTED, EvcliError
+
+app = typer.Typer(
+    name="evcli",
+    help="Train, compress and evaluate efficient vision models: one engine, one checkpoint format, one "
+    "recipe format. Every command runs offline on built-in data when no --data is given.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"evcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """evcli: efficient vision models from the command line."""
+
+
+app.add_typer(mix_cmd.app, name="mix")
+app.add_typer(recipe_cmd.app, name="recipe")
+env_cmd.register(app)
+
+
+def _clean_message(message: str) -> str:
+    """A message re-raised from a DataLoader worker carries the worker traceback; keep its last line."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].count(".") else last
+
+
+def main() -> None:
+    """Console-script entry point."""
+    debug = os.environ.get("EVCLI_DEBUG") == "1"
+    try:
+        app(prog_name="evcli")
+    except EvcliError as exc:
+        if debug:
+            raise
+        error(_clean_message(exc.message), exc.hint)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError" and not debug:
+            error(f"out of memory: {str(exc).splitlines()[0]}", "lower --batch-size or --img-size")
+            sys.exit(EXIT_HARDWARE)
+        raise
+

@@ -1,0 +1,189 @@
+"""`evcli mix`: train / evaluate / export an image classifier with image mixing (none, Mixup, CutMix)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from evcli.cli.common import JsonOption, QuietOption, RecipeOption, SetOption, find_recipe, print_result, setup_output
+
+HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup or CutMix.
+
+Without --data it trains on the built-in data: scikit-learn's digits, 1,797 real 8x8 scans of
+handwritten digits (10 classes) shipped inside scikit-learn, upsampled to --img-size (every 5th
+image of each class is the val split). With --data DIR it reads an ImageFolder: DIR/train/<class>/*.jpg
+and DIR/val/<class>/*.jpg.
+
+A run writes one folder (--out): resolved_recipe.yaml, env.json, metrics.jsonl,
+checkpoints/{last,best}.safetensors, final.safetensors (weights) and report.json.
+
+Examples:
+
+  evcli mix --recipe mix/quickstart
+
+  evcli mix --method cutmix --model deit_tiny_patch16_224 --img-size 32 --epochs 5
+
+  evcli mix --data ~/data/imagenette --img-size 160 --weights deit_tiny.safetensors
+
+  evcli mix --resume runs/mix/20261124-101500-deit_tiny_patch16_224-cutmix
+
+  accelerate launch --multi_gpu --num_processes 2 -m evcli mix --recipe mix/tiny
+
+  evcli mix eval runs/mix/<run>/final.safetensors --img-size 32
+
+  evcli mix export runs/mix/<run> -o deit_digits.safetensors
+"""
+
+app = typer.Typer(help=HELP, invoke_without_command=True, no_args_is_help=False)
+
+
+class MixMethodName(str, Enum):
+    none = "none"
+    mixup = "mixup"
+    cutmix = "cutmix"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def _value(v: object) -> object:
+    return v.value if isinstance(v, Enum) else (str(v) if isinstance(v, Path) else v)
+
+
+@app.callback()
+def train(
+    ctx: typer.Context,
+    recipe: str = RecipeOption,
+    method: MixMethodName = typer.Option(None, "--method", "-m", help="Mixing of each batch (default: cutmix).",
+                                         show_default=False),
+    model: str = typer.Option(None, "--model", help="timm model name (default: deit_tiny_patch16_224).",
+                              show_default=False),
+    img_size: int = typer.Option(None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).",
+                                show_default=False),
+    patch_size: int = typer.Option(None, "--patch-size", help="ViT patch size (default: the model's; 8x8 grid "
+                                   "below 64 px).", show_default=False),
+    weights: Path = typer.Option(None, "--weights", help="Pretrained weights, a local .safetensors file.",
+                                 show_default=False),
+    init_from: Path = typer.Option(None, "--init-from", help="Start from another run's weights (run folder or "
+                                   ".safetensors).", show_default=False),
+    data: Path = typer.Option(None, "--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in "
+                              "digits).", show_default=False),
+    epochs: int = typer.Option(None, "--epochs", help="Training epochs.", show_default=False),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps.",
+                                  show_default=False),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size per process.", show_default=False),
+    lr: float = typer.Option(None, "--lr", help="Base learning rate.", show_default=False),
+    seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=False),
+    mixed_precision: Precision = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).",
+                                              show_default=False),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.",
+                                   show_default=False),
+    ema: bool = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False),
+    workers: int = typer.Option(None, "--workers", help="Data-loading worker processes.", show_default=False),
+    skip_corrupt: bool = typer.Option(None, "--skip-corrupt", help="Skip unreadable images with a warning.",
+                                      show_default=False),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/mix/<time>-<model>-<method>).",
+                             show_default=False),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped.",
+                                show_default=False),
+    force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_output(quiet)
+    flags = {
+        "mix.method": method, "model.name": model, "data.img_size": img_size, "model.patch_size": patch_size,
+        "model.weights": weights, "model.init_from": init_from, "data.path": data, "schedule.epochs": epochs,
+        "schedule.max_steps": max_steps, "data.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
+        "train.mixed_precision": mixed_precision, "train.grad_accum": grad_accum, "train.ema": ema,
+        "data.workers": workers, "data.skip_corrupt": skip_corrupt, "out.dir": out,
+    }
+    flags = {k: _value(v) for k, v in flags.items() if v is not None}
+    from evcli.engine.run import prepare_resume, run_training
+    from evcli.recipe import resolve_recipe
+
+    if resume is not None:
+        if recipe is not None:
+            raise typer.BadParameter("--resume uses the run's own recipe; drop --recipe", param_hint="--recipe")
+        rec, ckpt = prepare_resume("mix", resume, flags, sets or [], force)
+    else:
+        rec, ckpt = resolve_recipe("mix", recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
+    report = run_training(rec, resume_checkpoint=ckpt)
+    _print_report(report, json_out)
+
+
+def _print_report(report: dict, json_out: bool) -> None:
+    if not report:
+        return
+    m = report["metrics"]
+    best = report.get("best") or {}
+    rows = [
+        ("method", f"{report['method']} on {report['model']} ({report['parameters'] / 1e6:.2f}M params)"),
+        ("steps", f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), "
+                  f"{report['device']})"),
+        ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+        ("val loss", f"{m['loss']:.4f}"),
+    ]
+    if "ema_top1" in m:
+        rows.append(("EMA top-1 / top-5", f"{m['ema_top1']:.2f}% / {m['ema_top5']:.2f}%"))
+    if best:
+        rows.append(("best top-1", f"{best.get('top1', float('nan')):.2f}% at step {best.get('step')}"))
+    rows += [("throughput", f"{report['img_per_s']} img/s"), ("weights", report["files"]["weights"]),
+             ("report", str(Path(report["run_dir"]) / "report.json"))]
+    print_result(report, json_out, "evcli mix: result", rows)
+
+
+@app.command("eval")
+def evaluate(
+    weights: Path = typer.Argument(..., help="Weights (.safetensors) or a run folder.", show_default=False),
+    recipe: str = RecipeOption,
+    model: str = typer.Option(None, "--model", help="timm model name (default: from the weights' run).",
+                              show_default=False),
+    img_size: int = typer.Option(None, "--img-size", help="Input size (default: from the weights' run).",
+                                 show_default=False),
+    data: Path = typer.Option(None, "--data", "-d", help="ImageFolder root (default: from the run, else built-in).",
+                              show_default=False),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size.", show_default=False),
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Evaluate weights on the val split: top-1 / top-5 accuracy and loss."""
+    setup_output(quiet)
+    from evcli.engine.run import evaluation_recipe, run_evaluation
+
+    flags = {"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
+    flags = {k: _value(v) for k, v in flags.items() if v is not None}
+    rec = evaluation_recipe("mix", weights, find_recipe(recipe), flags, sets or [])
+    report = run_evaluation(rec, weights)
+    m = report["metrics"]
+    print_result(report, json_out, "evcli mix eval", [
+        ("weights", report["weights"]), ("model", report["model"]), ("data", report["data"]),
+        ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"), ("val loss", f"{m['loss']:.4f}")])
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
+    output: Path = typer.Option(None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).",
+                                show_default=False),
+    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Export a run's checkpoint as plain weights (.safetensors), train-only parts dropped."""
+    setup_output(quiet)
+    from evcli.engine.run import run_export
+
+    report = run_export("mix", run, which, output)
+    print_result(report, json_out, "evcli mix export",
+                 [("from", report["checkpoint"]), ("step", str(report["step"])), ("weights", report["weights"]),
+                  ("tensors", str(report["tensors"]))])

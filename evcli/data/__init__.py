@@ -1,0 +1,1 @@
+"""Dataset readers for standard layouts and the small built-in datasets."""

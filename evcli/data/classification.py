@@ -1,0 +1,283 @@
+"""Image classification data: ImageFolder layouts, the built-in digits, deterministic sharded loading.
+
+Every sample's augmentation is seeded by (run seed, epoch, sample index), so a run gives the same
+batches whatever the number of workers, and a resumed run continues with exactly the batches the
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from evcli.console import warn
+from evcli.errors import DataError
+from evcli.io.images import is_image_file, load_rgb, verify_image
+
+BUILTIN_DESCRIPTION = (
+    "scikit-learn's digits: 1,797 real 8x8 grayscale scans of handwritten digits 0-9 (UCI "
+    "optdigits), shipped inside scikit-learn; every 5th image of each class is held out for val"
+)
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from a tuple of integers (splitmix64 chain)."""
+    x = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for v in values:
+        x = (x ^ (int(v) & mask)) & mask
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), Python and NumPy global RNGs inside the block, restoring them after."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: where images and labels come from
+
+
+class ImageSource:
+    """A list of labelled images that can be loaded by index."""
+
+    classes: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+
+class FolderSource(ImageSource):
+    """Images under ``root/<class>/...`` (an ImageFolder split)."""
+
+    def __init__(self, root: Path, classes: list[str] | None = None, skip_corrupt: bool = False):
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root}")
+        found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise DataError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        self.classes = classes if classes is not None else found
+        unknown = [c for c in found if c not in self.classes]
+        if unknown:
+            raise DataError(f"{root} has classes not in train/: {', '.join(unknown[:5])}")
+        self.paths: list[Path] = []
+        self.labels = []
+        for label, name in enumerate(self.classes):
+            folder = root / name
+            if not folder.is_dir():
+                continue
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+            self.paths += files
+            self.labels += [label] * len(files)
+        if not self.paths:
+            raise DataError(f"no images found in {root} (looked for .jpg/.png/... under class folders)")
+        if skip_corrupt:
+            self._drop_corrupt()
+
+    def _drop_corrupt(self) -> None:
+        keep = []
+        for i, p in enumerate(self.paths):
+            reason = verify_image(p)
+            if reason is None:
+                keep.append(i)
+            else:
+                warn(f"skipping corrupt image {p} ({reason})")
+        if not keep:
+            raise DataError("every image is unreadable")
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+
+    def load(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+
+class ArraySource(ImageSource):
+    """Images held in memory as a uint8 array [N, H, W] or [N, H, W, 3]."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], classes: list[str]):
+        self.images = images
+        self.labels = [int(v) for v in labels]
+        self.classes = classes
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+def builtin_digits() -> tuple[ArraySource, ArraySource]:
+    """scikit-learn's digits as (train, val): every 5th image of each class goes to val."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+    labels = digits.target.astype(int)
+    seen: dict[int, int] = {}
+    train_idx, val_idx = [], []
+    for i, y in enumerate(labels):
+        seen[y] = seen.get(y, 0) + 1
+        (val_idx if seen[y] % 5 == 0 else train_idx).append(i)
+    classes = [str(c) for c in range(10)]
+    return (ArraySource(images[train_idx], labels[train_idx], classes),
+            ArraySource(images[val_idx], labels[val_idx], classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset and sampler
+
+
+class SeededDataset(Dataset):
+    """Applies a transform with an RNG seeded by (seed, epoch, index); indexed by (epoch, index)."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any], seed: int):
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[Any, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        img = self.source.load(index)
+        with seeded_rng(mix_seed(self.seed, epoch, index)):
+            x = self.transform(img)
+        return x, self.source.labels[index]
+
+
+class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of (epoch, index) for one process, reshuffled per epoch from the run seed.
+
+    Training: every rank takes an equal share of one seeded permutation and drops the incomplete last
+    batch. Evaluation: no shuffle, ranks take ``index % world == rank`` and keep every sample once, so
+    summed counts are exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 train: bool = True):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.train = seed, train
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's permutation and skip its first ``start_batch`` batches (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        if self.train:
+            return (self.n // self.world) // self.batch_size
+        mine = len(range(self.rank, self.n, self.world))
+        return -(-mine // self.batch_size)
+
+    def _indices(self) -> list[int]:
+        if not self.train:
+            return list(range(self.rank, self.n, self.world))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 0x5A3))
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.n // self.world
+        return perm[: per_rank * self.world][self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx = self._indices()
+        for b in range(self.start_batch, self.batches_per_epoch()):
+            chunk = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in chunk]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the data of a run
+
+
+@dataclass
+class ClassificationData:
+    """Train and val datasets of one run with their class names and a description."""
+
+    train: SeededDataset
+    val: SeededDataset
+    classes: list[str]
+    description: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def build_transforms(cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float]):
+    """timm train/eval transforms for a DataConfig."""
+    from timm.data import create_transform
+
+    common = dict(input_size=img_size, interpolation=cfg.interpolation, mean=tuple(mean), std=tuple(std))
+    train_tf = create_transform(
+        is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
+        color_jitter=cfg.color_jitter, re_prob=cfg.re_prob, **common,
+    )
+    eval_tf = create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
+    return train_tf, eval_tf
+
+
+def build_classification_data(cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float],
+                              seed: int) -> ClassificationData:
+    """Train/val datasets from ``cfg.path`` (ImageFolder with train/ and val/) or the built-in set.
+
+    Raises:
+        DataError: missing folder, no class folders, no images, val classes not in train.
+    """
+    train_tf, eval_tf = build_transforms(cfg, img_size, mean, std)
+    if cfg.path is None:
+        train_src, val_src = builtin_digits()
+        description = f"built-in digits ({BUILTIN_DESCRIPTION})"
+    else:
+        root = Path(cfg.path).expanduser()
+        if not root.exists():
+            raise DataError(f"data folder not found: {root}")
+        if not root.is_dir():
+            raise DataError(f"--data must be a folder with train/ and val/ inside, got a file: {root}")
+        if not (root / "train").is_dir():
+            raise DataError(f"no train/ folder in {root} (expected {root}/train/<class>/<image>)")
+        if not (root / "val").is_dir():
+            raise DataError(f"no val/ folder in {root} (expected {root}/val/<class>/<image>)")
+        train_src = FolderSource(root / "train", skip_corrupt=cfg.skip_corrupt)
+        val_src = FolderSource(root / "val", classes=train_src.classes, skip_corrupt=cfg.skip_corrupt)
+        description = f"ImageFolder {root}"
+    return ClassificationData(
+        train=SeededDataset(train_src, train_tf, seed),
+        val=SeededDataset(val_src, eval_tf, seed),
+        classes=train_src.classes,
+        description=description + f": {len(train_src)} train / {len(val_src)} val images, "
+        f"{len(train_src.classes)} classes",
+    )
+
+
+def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over a batch sampler of (epoch, index) keys."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=False)

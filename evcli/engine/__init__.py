@@ -1,0 +1,1 @@
+"""The one training engine (on Accelerate) that every method plugs into."""

@@ -1,0 +1,1 @@
+"""Reading and writing: safetensors checkpoints and user images."""

@@ -1,0 +1,1 @@
+"""`evcli mix`: image-mixing training of classifiers (none / Mixup / CutMix baselines)."""

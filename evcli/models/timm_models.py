@@ -1,0 +1,95 @@
+"""Build any timm model by name, offline, with small-image ViT settings and clear errors."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+
+from evcli.console import log
+from evcli.errors import UsageError
+
+
+def suggest_models(name: str, n: int = 3) -> list[str]:
+    """Close timm model names for a typo."""
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    if not close:
+        stem = name.split("_")[0]
+        close = [m for m in names if m.startswith(stem)][:n]
+    return close
+
+
+def auto_patch_size(img_size: int) -> int:
+    """Patch size giving an 8x8 token grid for small images (evcli's choice, logged)."""
+    return max(1, img_size // 8)
+
+
+def create_model(name: str, num_classes: int, img_size: int | None = None, patch_size: int | None = None,
+                 drop_rate: float = 0.0, drop_path: float = 0.0, kwargs: dict[str, Any] | None = None
+                 ) -> torch.nn.Module:
+    """Create a timm model with random weights (never downloads).
+
+    ``img_size`` is passed to models that take it (ViTs); ``patch_size`` defaults to the model's own,
+    except below 64 px where an 8x8 grid is chosen (logged).
+
+    Raises:
+        UsageError: unknown model name (with close names), or arguments the model does not take.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = suggest_models(name)
+        raise UsageError(
+            f"unknown timm model '{name}'" + (f" (did you mean: {', '.join(close)}?)" if close else ""),
+            hint="list names with: python -c \"import timm; print(timm.list_models('*vit*'))\"",
+        )
+    extra: dict[str, Any] = dict(kwargs or {})
+    if drop_path:
+        extra["drop_path_rate"] = drop_path
+    sized: dict[str, Any] = {}
+    if img_size is not None:
+        sized["img_size"] = img_size
+        if patch_size is None and img_size < 64:
+            sized["patch_size"] = auto_patch_size(img_size)
+    if patch_size is not None:
+        sized["patch_size"] = patch_size
+
+    def build(**size_args: Any) -> torch.nn.Module:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate,
+                                 **extra, **size_args)
+
+    try:
+        while True:
+            try:
+                model = build(**sized)
+                break
+            except TypeError as exc:
+                # CNNs (and PVT) take no img_size; only ViT-style models take patch_size.
+                dropped = next((k for k in ("img_size", "patch_size") if k in sized and k in str(exc)), None)
+                if dropped is None:
+                    raise
+                if dropped == "patch_size" and patch_size is not None:
+                    raise UsageError(
+                        f"model '{name}' has no patch size (patch_size is for ViT-style models)") from exc
+                sized.pop(dropped)
+    except TypeError as exc:
+        raise UsageError(f"model '{name}' rejected its arguments: {exc}") from exc
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"cannot build model '{name}' with {dict(extra, **sized)}: {msg}") from exc
+    if "patch_size" in sized and patch_size is None:
+        log(f"model: patch_size {sized['patch_size']} for {img_size} px images (set model.patch_size to change)")
+    return model
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """Normalisation mean/std and interpolation of a timm model's pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "mean": tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    }

@@ -1,0 +1,555 @@
+"""Recipes: typed, validated run settings built from defaults, a file, typed flags and ``--set``.
+
+One precedence rule, logged with every run::
+
+    schema defaults  <  command defaults  <  recipe file  <  flags the user typed  <  --set a.b=c
+
+A recipe is YAML (or TOML, by file extension) with one section per concern (``model``, ``data``,
+``optim``, ``schedule``, ``train``, ``out``) plus one section named after the subcommand holding the
+method's own keys (``mix:``, ``sparsify:``...). Unknown keys are errors with a did-you-mean, values are
+type-checked (a string is never silently taken for a number), and phase lengths take relative units
+(``"10%"``, ``"5ep"``, ``"200step"``) so that ``--epochs`` rescales the whole schedule.
+
+This module must stay free of torch imports: ``evcli --help`` and shell completion load it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from evcli.errors import RecipeError
+from evcli.yamlio import dump_yaml, load_yaml, parse_scalar
+
+SCHEMA_VERSION = 1
+BUILTIN_IMG_SIZE = 32  # default input size on the built-in data (its images are 8x8)
+
+
+class Duration(str):
+    """A length of training: ``"10%"`` of all steps, ``"5ep"`` epochs or ``"200step"`` steps."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|ep|epochs?|steps?)\s*$")
+
+
+def parse_duration(text: str) -> tuple[float, str]:
+    """Split a duration into (amount, unit) with unit one of ``%``, ``ep``, ``step``.
+
+    Raises:
+        ValueError: the text is not a duration.
+    """
+    m = _DURATION_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. '10%', '5ep' or '200step')")
+    amount, unit = float(m.group(1)), m.group(2)
+    unit = "ep" if unit.startswith("ep") else ("step" if unit.startswith("step") else "%")
+    return amount, unit
+
+
+def resolve_duration(text: str, steps_per_epoch: int, total_steps: int) -> int:
+    """Number of optimizer steps a duration stands for in a run of ``total_steps`` steps."""
+    amount, unit = parse_duration(text)
+    if unit == "%":
+        return int(round(amount / 100.0 * total_steps))
+    if unit == "ep":
+        return int(round(amount * steps_per_epoch))
+    return int(amount)
+
+
+# --------------------------------------------------------------------------------------------------
+# The common sections. Field comments become the documentation of `evcli recipe show --schema`.
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build and what to load into it."""
+
+    name: str = "deit_tiny_patch16_224"  # timm model name (random init; see `weights`)
+    patch_size: int | None = None  # ViT patch size passed to timm (small images need small patches)
+    num_classes: int | None = None  # default: the number of classes of the data
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path: float = 0.0  # stochastic depth rate
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    weights: str | None = None  # local .safetensors file with pretrained weights
+    weights_strict: bool = True  # false: load matching keys only and list the rest
+    init_from: str | None = None  # run folder or checkpoint whose weights start this run
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are augmented."""
+
+    path: str | None = None  # ImageFolder root with train/ and val/; null = built-in data
+    builtin: Literal["digits"] = "digits"  # built-in real images used when `path` is null
+    img_size: int | None = None  # default: 224 for an ImageFolder, 32 for the built-in data
+    batch_size: int = 64  # per process
+    eval_batch_size: int | None = None  # default: 2 x batch_size
+    workers: int = 2
+    skip_corrupt: bool = False  # true: skip unreadable images with a warning instead of failing
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    auto_augment: str | None = None  # timm policy, e.g. rand-m9-mstd0.5-inc1
+    color_jitter: float = 0.0
+    re_prob: float = 0.0  # random erasing probability
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bicubic"
+    crop_pct: float = 0.875  # eval centre-crop fraction
+    mean: list[float] | None = None  # default: the model's pretrained-config normalisation
+    std: list[float] | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer of the model weights."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 5e-4
+    lr_base_batch: int | None = None  # set: lr is scaled by global_batch / lr_base_batch
+    weight_decay: float = 0.05  # not applied to biases and norm weights
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    eps: float = 1e-8
+    clip_grad: float | None = None  # max global grad norm
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of training and the learning-rate schedule."""
+
+    epochs: int = 300
+    max_steps: int | None = None  # cap on optimizer steps (smoke runs); relative units follow it
+    sched: Literal["cosine", "step", "constant"] = "cosine"
+    warmup: Duration = Duration("0step")  # linear warm-up from warmup_lr
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5  # cosine floor
+    milestones: list[Duration] = field(default_factory=list)  # step schedule: lr *= gamma at each
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The engine: processes, precision, accumulation, EMA, cadence, seeds."""
+
+    seed: int = 0
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema: bool = False  # keep an exponential moving average of the weights (evaluated and exported)
+    ema_decay: float = 0.9998
+    eval_every: Duration = Duration("1ep")
+    ckpt_every: Duration | None = None  # default: same as eval_every
+    log_every: int = 10  # steps between metric log lines
+    best_metric: str = "top1"  # higher is better
+    cpu: bool = False  # force CPU even when CUDA is available
+
+
+@dataclass
+class OutConfig:
+    """Where the run folder goes."""
+
+    dir: str | None = None  # the run folder; default runs/<command>/<time>-<model>-<method>
+
+
+COMMON_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "out": OutConfig,
+}
+
+# Keys that change what a resumed run computes; `--resume` refuses to change them without --force.
+RESUME_LOCKED_PREFIXES = ("model.", "optim.", "schedule.", "data.batch_size", "data.path",
+                          "data.builtin", "data.img_size", "train.seed", "train.grad_accum",
+                          "train.mixed_precision", "train.ema")
+
+
+@dataclass
+class Recipe:
+    """A fully resolved recipe: common sections plus the method section of one subcommand."""
+
+    command: str
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    train: TrainConfig
+    out: OutConfig
+    method: Any  # the dataclass registered for `command`
+    evcli: int = SCHEMA_VERSION
+    provenance: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested data, with the method section under the command's name."""
+        data: dict[str, Any] = {"evcli": self.evcli, "command": self.command}
+        for name in COMMON_SECTIONS:
+            data[name] = dataclasses.asdict(getattr(self, name))
+        data[self.command] = dataclasses.asdict(self.method)
+        return data
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def get(self, dotted: str) -> Any:
+        """Value at a dotted key, e.g. ``optim.lr`` or ``mix.method``."""
+        node: Any = self.to_dict()
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+# --------------------------------------------------------------------------------------------------
+# Type checking and coercion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is Duration:
+        return "a duration like '10%', '5ep' or '200step'"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names) + " (or null)"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as exc:
+                errors.append(exc)
+        raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
+    if value is None:
+        raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got null")
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        hint = did_you_mean(str(value), [str(c) for c in choices])
+        raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}': expected a mapping, got {_describe(value)}")
+        return dict(value)
+    if tp is Duration:
+        if isinstance(value, str):
+            try:
+                parse_duration(value)
+            except ValueError:
+                pass
+            else:
+                return Duration(value.strip())
+        raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and math.isnan(value):
+                raise RecipeError(f"recipe key '{key}': NaN is not a valid value")
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - schema bug, not user input
+        raise TypeError(f"unsupported schema type {tp!r} at {key}")
+    raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def section_fields(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint of a schema dataclass."""
+    hints = typing.get_type_hints(cls, include_extras=False)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Validate a mapping against a schema dataclass and build it (missing keys take defaults)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe key '{prefix}': expected a mapping, got {_describe(raw)}")
+    fields_ = section_fields(cls)
+    for k in raw:
+        if k not in fields_:
+            raise RecipeError(
+                f"unknown recipe key '{prefix}.{k}'{did_you_mean(str(k), fields_, prefix + '.')}",
+                hint=f"valid keys in '{prefix}': {', '.join(fields_)}",
+            )
+    kwargs = {k: _coerce(v, fields_[k], f"{prefix}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers and merging
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def parse_set(items: typing.Iterable[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "sparsify.nm=2:4"]`` -> ``{"optim.lr": 1e-4, "sparsify.nm": "2:4"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "." not in key:
+            raise RecipeError(f"--set expects section.key=value, got {item!r}",
+                              hint="e.g. --set optim.lr=1e-4 --set schedule.epochs=30")
+        out[key] = parse_scalar(value.strip())
+    return out
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML recipe file into plain data (no validation yet)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if p.suffix.lower() == ".toml" else load_yaml(text)
+    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"cannot parse recipe {p}: {first}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {p} must be a mapping of sections, got {_describe(data)}")
+    return data
+
+
+def _check_keys(layer: dict[str, Any], command: str, method_cls: type, source: str) -> None:
+    """Reject unknown sections/keys of one layer, naming where they came from."""
+    sections = {**COMMON_SECTIONS, command: method_cls}
+    for dotted in _flatten(layer):
+        parts = dotted.split(".")
+        if parts[0] in ("evcli", "command") and len(parts) == 1:
+            continue
+        if parts[0] not in sections:
+            raise RecipeError(
+                f"unknown recipe section '{parts[0]}' in {source}"
+                f"{did_you_mean(parts[0], list(sections) + ['evcli', 'command'])}",
+                hint=f"sections: {', '.join(sections)}",
+            )
+        if len(parts) == 1:
+            continue
+        fields_ = section_fields(sections[parts[0]])
+        if parts[1] not in fields_:
+            raise RecipeError(
+                f"unknown recipe key '{parts[0]}.{parts[1]}' in {source}"
+                f"{did_you_mean(parts[1], fields_, parts[0] + '.')}",
+                hint=f"valid keys in '{parts[0]}': {', '.join(fields_)}",
+            )
+
+
+def resolve_recipe(
+    command: str,
+    recipe_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: typing.Iterable[str] = (),
+    base: dict[str, Any] | None = None,
+) -> Recipe:
+    """Build the resolved recipe of ``command`` from its layers.
+
+    Args:
+        command: subcommand name (``mix``, ``sparsify``...), selecting the method section.
+        recipe_file: YAML/TOML file, or None.
+        flags: dotted key -> value for the flags the user typed (None values are ignored).
+        sets: ``--set`` items ``a.b=c``.
+        base: a saved resolved recipe (``--resume``) used instead of defaults + file.
+
+    Raises:
+        RecipeError: unknown key, wrong type, wrong schema version or command.
+    """
+    from evcli.registry import get_command
+
+    spec = get_command(command)
+    provenance: dict[str, str] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if base is not None:
+        layers.append(("resumed run", base))
+    else:
+        layers.append(("command defaults", unflatten(spec.defaults)))
+        if recipe_file is not None:
+            layers.append((str(recipe_file), read_recipe_file(recipe_file)))
+    if flags:
+        layers.append(("flags", unflatten({k: v for k, v in flags.items() if v is not None})))
+    set_values = parse_set(sets)
+    if set_values:
+        layers.append(("--set", unflatten(set_values)))
+
+    merged: dict[str, Any] = {}
+    for source, layer in layers:
+        _check_keys(layer, command, spec.config, source)
+        for k in _flatten(layer):
+            provenance[k] = source
+        merged = _deep_merge(merged, layer)
+
+    version = merged.pop("evcli", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise RecipeError(f"recipe schema version {version!r} is not supported (this evcli reads {SCHEMA_VERSION})")
+    rec_command = merged.pop("command", command)
+    if rec_command != command:
+        raise RecipeError(f"this recipe is for 'evcli {rec_command}', not 'evcli {command}'")
+    try:
+        sections = {name: build_section(cls, merged.get(name), name) for name, cls in COMMON_SECTIONS.items()}
+        method = build_section(spec.config, merged.get(command), command)
+    except RecipeError as exc:
+        key = exc.message.split("'")[1] if "'" in exc.message else ""
+        source = provenance.get(key)
+        if source and source != "command defaults":
+            exc.message += f" [from {source}]"
+            exc.args = (exc.message,)
+        raise
+    recipe = Recipe(command=command, method=method, provenance=provenance, **sections)
+    if recipe.data.img_size is None:
+        recipe.data.img_size = BUILTIN_IMG_SIZE if recipe.data.path is None else 224
+    validate_recipe(recipe)
+    return recipe
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Checks across keys that types alone cannot express."""
+    if recipe.data.batch_size < 1:
+        raise RecipeError("recipe key 'data.batch_size' must be >= 1")
+    if recipe.data.img_size < 1:
+        raise RecipeError("recipe key 'data.img_size' must be >= 1")
+    if recipe.schedule.epochs < 1:
+        raise RecipeError("recipe key 'schedule.epochs' must be >= 1")
+    if recipe.schedule.max_steps is not None and recipe.schedule.max_steps < 1:
+        raise RecipeError("recipe key 'schedule.max_steps' must be >= 1")
+    if recipe.train.grad_accum < 1:
+        raise RecipeError("recipe key 'train.grad_accum' must be >= 1")
+    if recipe.optim.lr <= 0:
+        raise RecipeError("recipe key 'optim.lr' must be > 0")
+    if recipe.data.workers < 0:
+        raise RecipeError("recipe key 'data.workers' must be >= 0")
+    if len(recipe.data.scale) != 2 or not 0 < recipe.data.scale[0] <= recipe.data.scale[1] <= 1:
+        raise RecipeError("recipe key 'data.scale' must be [min, max] with 0 < min <= max <= 1")
+    check = getattr(recipe.method, "validate", None)
+    if check is not None:
+        check(recipe)
+
+
+def locked_changes(saved: Recipe, new: Recipe) -> list[str]:
+    """Keys whose change would alter a resumed run's computation."""
+    a, b = _flatten(saved.to_dict()), _flatten(new.to_dict())
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    method_prefix = f"{saved.command}."
+    return [k for k in changed if k.startswith(RESUME_LOCKED_PREFIXES) or k.startswith(method_prefix)]
+
+
+def recipe_from_saved(data: dict[str, Any]) -> Recipe:
+    """Rebuild a Recipe from its saved plain form (a run folder or checkpoint metadata)."""
+    command = data.get("command")
+    if not isinstance(command, str):
+        raise RecipeError("saved recipe has no 'command'")
+    return resolve_recipe(command, base=data)
+
+
+def explain_provenance(recipe: Recipe) -> str:
+    """One line saying which keys came from flags and --set (the precedence log)."""
+    by_source: dict[str, list[str]] = {}
+    for key, source in recipe.provenance.items():
+        if source in ("command defaults",):
+            continue
+        by_source.setdefault(source, []).append(key)
+    if not by_source:
+        return "recipe: defaults only"
+    parts = [f"{src}: {len(keys)} key(s)" if len(keys) > 6 else f"{src}: {', '.join(keys)}"
+             for src, keys in by_source.items()]
+    return "recipe (defaults < file < flags < --set): " + "; ".join(parts)
+

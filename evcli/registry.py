@@ -1,0 +1,66 @@
+"""The one table of subcommand methods, filled by a decorator on each method's config class.
+
+Each entry names the method's recipe schema (a torch-free dataclass), where its implementation lives
+(imported only when a run starts), and the command's defaults over the common sections. The CLI, the
+recipe loader and checkpoint metadata all speak these names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from evcli.errors import UsageError
+
+
+@dataclass
+class CommandSpec:
+    """One registered subcommand method."""
+
+    name: str
+    config: type
+    implementation: str  # "module:Class" of the engine Method, imported lazily
+    help: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)  # dotted keys over the common sections
+
+    def load_method_class(self) -> type:
+        module, _, attr = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_COMMANDS: dict[str, CommandSpec] = {}
+
+# Config modules (torch-free) that register themselves when imported.
+_CONFIG_MODULES = ("evcli.methods.mix.config",)
+
+
+def register_command(
+    name: str, implementation: str, help: str = "", defaults: dict[str, Any] | None = None
+) -> Callable[[type], type]:
+    """Class decorator registering a method config dataclass as the schema of subcommand ``name``."""
+
+    def wrap(cls: type) -> type:
+        _COMMANDS[name] = CommandSpec(name, cls, implementation, help, dict(defaults or {}))
+        return cls
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in _CONFIG_MODULES:
+        importlib.import_module(module)
+
+
+def commands() -> dict[str, CommandSpec]:
+    """All registered subcommand methods by name."""
+    _load_all()
+    return dict(_COMMANDS)
+
+
+def get_command(name: str) -> CommandSpec:
+    """The spec of one subcommand, or a UsageError naming the known ones."""
+    table = commands()
+    if name not in table:
+        raise UsageError(f"unknown command '{name}' (known: {', '.join(sorted(table))})")
+    return table[name]
