@@ -1,0 +1,74 @@
+"""Shared helpers for evcli's tests: tiny recipes, tiny image folders, an in-process CLI runner."""
+
+from __future__ import annotations
+
+import io
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY_FLAGS: dict[str, Any] = {
+    "model.name": "test_vit",
+    "model.patch_size": 4,
+    "data.img_size": 16,
+    "data.batch_size": 8,
+    "data.workers": 0,
+    "data.hflip": 0.0,
+    "data.scale": [0.5, 1.0],
+    "schedule.epochs": 1,
+    "schedule.max_steps": 3,
+    "train.log_every": 1,
+}
+"""Recipe overrides for a run of a few seconds: timm's test_vit at 16 px, batch 8, 3 steps."""
+
+TINY_ARGS = ["--model", "test_vit", "--patch-size", "4", "--img-size", "16", "-b", "8", "--workers", "0",
+             "--epochs", "1", "--max-steps", "3", "--set", "data.hflip=0.0", "--set", "train.log_every=1"]
+"""The same as CLI arguments."""
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 16, val_per_class: int = 2,
+                      seed: int = 0) -> Path:
+    """An ImageFolder ``root/{train,val}/<class>/*.png`` of random-pattern RGB images (class = hue)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+                img[..., c % 3] += 150
+                Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root
+
+
+@dataclass
+class CliResult:
+    """Exit code and captured output of one in-process CLI call."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(args: list[str]) -> CliResult:
+    """Run ``evcli ARGS`` in this process through the real entry point (error handling included)."""
+    from evcli.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["evcli", *args]
+    code = 0
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return CliResult(code, out.getvalue(), err.getvalue())
