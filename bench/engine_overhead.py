@@ -49,9 +49,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="measured steps per side")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured warm-up steps per side")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive steps of one side per timed block (on a GPU, >1 lets the plain side's queue run "
+        "ahead between steps, exposing evcli's per-step NaN-guard sync)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="bench/results/engine_overhead.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.block < 1 or args.steps % args.block or args.warmup % args.block:
+        p.error("--steps and --warmup must be multiples of --block (>= 1)")
+    return args
 
 
 def command_line() -> str:
@@ -155,30 +165,31 @@ def main(argv: list[str] | None = None) -> int:
         plain_opt.zero_grad(set_to_none=True)
         return loss
 
-    def timed(step: Callable[[], torch.Tensor]) -> tuple[float, float]:
-        # Synchronize on both ends so that queued GPU work is charged to the step that made it.
+    def timed(step: Callable[[], torch.Tensor], n: int) -> tuple[float, list[float]]:
+        # Synchronize on both ends so that queued GPU work is charged to the block that made it.
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = step()
+        block_losses = [step() for _ in range(n)]
         if cuda:
             torch.cuda.synchronize(device)
-        return time.perf_counter() - t0, float(loss.detach())
+        return (time.perf_counter() - t0) / n, [float(v.detach()) for v in block_losses]
 
     sides = {"evcli": evcli_step, "plain": plain_step}
     times: dict[str, list[float]] = {"evcli": [], "plain": []}
     losses: dict[str, list[float]] = {"evcli": [], "plain": []}
-    for i in range(args.warmup + args.steps):
+    warmup_blocks = args.warmup // args.block
+    for i in range(warmup_blocks + args.steps // args.block):
         # ABBA order: neither side always runs first (after the other's allocations / cache traffic).
         order = ("evcli", "plain") if i % 2 == 0 else ("plain", "evcli")
         for name in order:
-            dt, loss = timed(sides[name])
-            losses[name].append(loss)
-            if i >= args.warmup:
-                times[name].append(dt)
+            dt, block_losses = timed(sides[name], args.block)
+            losses[name].extend(block_losses)
+            if i >= warmup_blocks:
+                times[name].append(dt)  # per-step mean of the block
 
     # Equal work check: same weights, data, optimizer and lr give the same losses at every step.
-    max_loss_diff = max(abs(a - b) for a, b in zip(losses["evcli"], losses["plain"]))
+    max_loss_diff = max(abs(a - b) for a, b in zip(losses["evcli"], losses["plain"], strict=True))
     evcli_med, plain_med = statistics.median(times["evcli"]), statistics.median(times["plain"])
     ratio = evcli_med / plain_med
 
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "mixed_precision": r.train.mixed_precision,
         "warmup_steps_per_side": args.warmup,
         "steps_per_side": args.steps,
+        "block": args.block,
         "evcli_median_s": evcli_med,
         "plain_median_s": plain_med,
         "ratio": ratio,
@@ -218,19 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": TARGET_RATIO,
         "met": ratio <= TARGET_RATIO,
         "notes": (
-            "One process, sides interleaved step by step in ABBA order after warm-up steps of both; median "
-            "of per-step wall time (time.perf_counter, torch.cuda.synchronize on both ends on a GPU). Same "
-            "architecture, initial weights, batch, AdamW hyper-parameters and decay/no-decay groups on both "
-            "sides; loss is plain cross-entropy (mix.method none, label_smoothing 0). Included on the evcli "
-            "side: everything in Trainer._train_step (LR schedule apply, global RNG reseed, send_to_device, "
-            "accelerator.autocast, training_step, accelerator.backward, NaN/inf guard with its .tolist() "
-            "sync, after_backward, AcceleratedOptimizer step and zero_grad, after_optimizer_step) plus "
-            "ctx.step += 1. Included on the plain side: .to(device) of the batch, forward, cross-entropy, "
-            "backward, AdamW step, zero_grad(set_to_none=True). Excluded from both: data loading and "
-            "augmentation (the same pre-made CPU batch is reused), and the per-step bookkeeping of "
-            "Trainer.fit (loss window, progress bar, metrics.jsonl, eval, checkpoints). EMA and gradient "
-            "clipping are off (recipe defaults); grad_accum 1; schedule constant without warm-up so both "
-            "sides use the same lr, which makes the losses match (max_abs_loss_diff)."
+            "One process, sides interleaved in ABBA order in blocks of `block` steps (1: step by step) after "
+            "warm-up steps of both; median over blocks of the per-step wall time (time.perf_counter; "
+            "torch.cuda.synchronize at both ends of a block on a GPU). Same architecture, initial weights, "
+            "batch, AdamW hyper-parameters and decay/no-decay groups on both sides; the loss is plain "
+            "cross-entropy (mix.method none, label_smoothing 0). Included on the evcli side: all of "
+            "Trainer._train_step (LR schedule apply, global RNG reseed, send_to_device, accelerator.autocast, "
+            "training_step, accelerator.backward, NaN/inf guard with its .tolist() sync, after_backward, "
+            "AcceleratedOptimizer step and zero_grad, after_optimizer_step) plus ctx.step += 1. Included on "
+            "the plain side: .to(device) of the batch, forward, cross-entropy, backward, AdamW step, "
+            "zero_grad(set_to_none=True). Excluded from both: data loading and augmentation (the same "
+            "pre-made CPU batch is reused) and the per-step bookkeeping of Trainer.fit (loss window, progress "
+            "bar, metrics.jsonl, eval, checkpoints). EMA and gradient clipping are off (recipe defaults), "
+            "grad_accum 1, fp32; the schedule is constant without warm-up so both sides use the same lr, "
+            "which makes their losses match step for step (max_abs_loss_diff)."
         ),
     }
     out = Path(args.out)

@@ -19,12 +19,13 @@ import dataclasses
 import difflib
 import math
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from evcli.errors import RecipeError
 from evcli.yamlio import dump_yaml, load_yaml, parse_scalar
@@ -167,9 +168,19 @@ COMMON_SECTIONS: dict[str, type] = {
 }
 
 # Keys that change what a resumed run computes; `--resume` refuses to change them without --force.
-RESUME_LOCKED_PREFIXES = ("model.", "optim.", "schedule.", "data.batch_size", "data.path",
-                          "data.builtin", "data.img_size", "train.seed", "train.grad_accum",
-                          "train.mixed_precision", "train.ema")
+RESUME_LOCKED_PREFIXES = (
+    "model.",
+    "optim.",
+    "schedule.",
+    "data.batch_size",
+    "data.path",
+    "data.builtin",
+    "data.img_size",
+    "train.seed",
+    "train.grad_accum",
+    "train.mixed_precision",
+    "train.ema",
+)
 
 
 @dataclass
@@ -387,8 +398,10 @@ def parse_set(items: typing.Iterable[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key or "." not in key:
-            raise RecipeError(f"--set expects section.key=value, got {item!r}",
-                              hint="e.g. --set optim.lr=1e-4 --set schedule.epochs=30")
+            raise RecipeError(
+                f"--set expects section.key=value, got {item!r}",
+                hint="e.g. --set optim.lr=1e-4 --set schedule.epochs=30",
+            )
         out[key] = parse_scalar(value.strip())
     return out
 
@@ -549,7 +562,8 @@ def explain_provenance(recipe: Recipe) -> str:
         by_source.setdefault(source, []).append(key)
     if not by_source:
         return "recipe: defaults only"
-    parts = [f"{src}: {len(keys)} key(s)" if len(keys) > 6 else f"{src}: {', '.join(keys)}"
-             for src, keys in by_source.items()]
+    parts = [
+        f"{src}: {len(keys)} key(s)" if len(keys) > 6 else f"{src}: {', '.join(keys)}"
+        for src, keys in by_source.items()
+    ]
     return "recipe (defaults < file < flags < --set): " + "; ".join(parts)
-

@@ -18,15 +18,19 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in {
-        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}]
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
     list("-+0123456789"),
 )
 _StrictLoader.add_implicit_resolver(
@@ -86,6 +90,4 @@ _QuotingDumper.add_multi_representer(str, lambda dumper, value: dumper.represent
 
 def dump_yaml(data: Any) -> str:
     """Dump plain data to YAML that :func:`load_yaml` (and YAML 1.1 readers) read back unchanged."""
-    return yaml.dump(
-        data, Dumper=_QuotingDumper, sort_keys=False, default_flow_style=None, allow_unicode=True
-    )
+    return yaml.dump(data, Dumper=_QuotingDumper, sort_keys=False, default_flow_style=None, allow_unicode=True)

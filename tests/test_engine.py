@@ -25,10 +25,21 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _flags(folder: Path, out: Path, **extra: object) -> dict:
-    flags = {**TINY_FLAGS, "data.path": str(folder), "data.batch_size": 4, "train.grad_accum": 2,
-             "schedule.epochs": 3, "schedule.max_steps": None, "schedule.warmup": "2step", "train.ema": True,
-             "train.ema_decay": 0.9, "model.drop_path": 0.1, "mix.method": "cutmix", "train.eval_every": "1ep",
-             "out.dir": str(out)}
+    flags = {
+        **TINY_FLAGS,
+        "data.path": str(folder),
+        "data.batch_size": 4,
+        "train.grad_accum": 2,
+        "schedule.epochs": 3,
+        "schedule.max_steps": None,
+        "schedule.warmup": "2step",
+        "train.ema": True,
+        "train.ema_decay": 0.9,
+        "model.drop_path": 0.1,
+        "mix.method": "cutmix",
+        "train.eval_every": "1ep",
+        "out.dir": str(out),
+    }
     flags.update(extra)
     return {k: v for k, v in flags.items() if v is not None}
 
@@ -72,16 +83,19 @@ def test_resume_after_interrupt_is_bit_exact(folder: Path, tmp_path: Path, monke
     resumed = run_training(recipe, resume_checkpoint=ckpt)
     assert resumed["steps"] == 9
     _assert_identical(_weights(tmp_path / "full"), _weights(tmp_path / "split"))
-    _assert_identical(load_file(str(tmp_path / "full" / "final_ema.safetensors")),
-                      load_file(str(tmp_path / "split" / "final_ema.safetensors")))
+    _assert_identical(
+        load_file(str(tmp_path / "full" / "final_ema.safetensors")),
+        load_file(str(tmp_path / "split" / "final_ema.safetensors")),
+    )
     assert full["metrics"] == resumed["metrics"]
     # metrics.jsonl holds each step once, as the uninterrupted run's does
     steps = lambda p: [json.loads(x)["step"] for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert steps(tmp_path / "split") == steps(tmp_path / "full")
 
 
-def test_resume_after_kill_continues_from_last_checkpoint(folder: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def test_resume_after_kill_continues_from_last_checkpoint(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     flags = _flags(folder, tmp_path / "full", **{"train.ckpt_every": "2step", "train.ema": False})
     run_training(resolve_recipe("mix", flags=flags))
     with monkeypatch.context() as m:
@@ -95,8 +109,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(folder: Path, tmp_path
     _assert_identical(_weights(tmp_path / "full"), _weights(tmp_path / "killed"))
 
 
-def test_resume_refuses_schedule_changes_without_force(folder: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch):
+def test_resume_refuses_schedule_changes_without_force(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with monkeypatch.context() as m:
         _stop_at(m, 1, "interrupt")
         with pytest.raises(Interrupted):
@@ -109,8 +122,7 @@ def test_resume_refuses_schedule_changes_without_force(folder: Path, tmp_path: P
     assert recipe.train.log_every == 5
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(folder: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch):
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from evcli.methods.mix.method import MixMethod
 
     original = MixMethod.training_step
@@ -153,8 +165,16 @@ def test_checkpoint_carries_recipe_and_state(folder: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("sched", ["cosine", "step", "constant"])
 def test_lr_schedule_shapes(sched: str):
-    cfg = resolve_recipe("mix", sets=[f"schedule.sched={sched}", "schedule.warmup=10step", "schedule.warmup_lr=0.0",
-                                      "schedule.min_lr=0.0", "schedule.milestones=[50%, 75%]"]).schedule
+    cfg = resolve_recipe(
+        "mix",
+        sets=[
+            f"schedule.sched={sched}",
+            "schedule.warmup=10step",
+            "schedule.warmup_lr=0.0",
+            "schedule.min_lr=0.0",
+            "schedule.milestones=[50%, 75%]",
+        ],
+    ).schedule
     s = LRSchedule(cfg, base_lr=1.0, total_steps=100, steps_per_epoch=10)
     lrs = [s.factor(i) for i in range(100)]
     assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)

@@ -26,8 +26,7 @@ def test_yaml_round_trip_keeps_types():
 def test_precedence_defaults_file_flags_set(tmp_path: Path):
     f = tmp_path / "r.yaml"
     f.write_text("command: mix\noptim: {lr: 1e-3, weight_decay: 0.1}\nschedule: {epochs: 7}\nmix: {method: mixup}\n")
-    r = resolve_recipe("mix", recipe_file=f, flags={"schedule.epochs": 3, "optim.lr": 2e-3},
-                       sets=["optim.lr=4e-3"])
+    r = resolve_recipe("mix", recipe_file=f, flags={"schedule.epochs": 3, "optim.lr": 2e-3}, sets=["optim.lr=4e-3"])
     assert r.optim.weight_decay == 0.1  # file over defaults
     assert r.schedule.epochs == 3  # flag over file
     assert r.optim.lr == 4e-3  # --set over flag

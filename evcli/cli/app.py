@@ -72,4 +72,3 @@ def main() -> None:
             error(f"out of memory: {str(exc).splitlines()[0]}", "lower --batch-size or --img-size")
             sys.exit(EXIT_HARDWARE)
         raise
-

@@ -12,11 +12,20 @@ from evcli.console import emit_json, out_console, set_quiet
 from evcli.errors import RecipeError
 
 RecipeOption = typer.Option(
-    None, "--recipe", "-r", help="Recipe file (.yaml/.toml) or shipped recipe name (see `evcli recipe list`).",
-    show_default=False)
+    None,
+    "--recipe",
+    "-r",
+    help="Recipe file (.yaml/.toml) or shipped recipe name (see `evcli recipe list`).",
+    show_default=False,
+)
 SetOption = typer.Option(
-    None, "--set", "-s", metavar="KEY=VALUE", help="Override any recipe key, e.g. --set optim.lr=1e-4 (repeatable).",
-    show_default=False)
+    None,
+    "--set",
+    "-s",
+    metavar="KEY=VALUE",
+    help="Override any recipe key, e.g. --set optim.lr=1e-4 (repeatable).",
+    show_default=False,
+)
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 
@@ -45,8 +54,10 @@ def find_recipe(name_or_path: str | None) -> Path | None:
         return table[key]
     from evcli.recipe import did_you_mean
 
-    raise RecipeError(f"recipe not found: {name_or_path}{did_you_mean(key, table)}",
-                      hint="give a file path, or a name from `evcli recipe list`")
+    raise RecipeError(
+        f"recipe not found: {name_or_path}{did_you_mean(key, table)}",
+        hint="give a file path, or a name from `evcli recipe list`",
+    )
 
 
 def setup_output(quiet: bool) -> None:

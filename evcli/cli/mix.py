@@ -59,38 +59,53 @@ def _value(v: object) -> object:
 def train(
     ctx: typer.Context,
     recipe: str = RecipeOption,
-    method: MixMethodName = typer.Option(None, "--method", "-m", help="Mixing of each batch (default: cutmix).",
-                                         show_default=False),
-    model: str = typer.Option(None, "--model", help="timm model name (default: deit_tiny_patch16_224).",
-                              show_default=False),
-    img_size: int = typer.Option(None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).",
-                                show_default=False),
-    patch_size: int = typer.Option(None, "--patch-size", help="ViT patch size (default: the model's; 8x8 grid "
-                                   "below 64 px).", show_default=False),
-    weights: Path = typer.Option(None, "--weights", help="Pretrained weights, a local .safetensors file.",
-                                 show_default=False),
-    init_from: Path = typer.Option(None, "--init-from", help="Start from another run's weights (run folder or "
-                                   ".safetensors).", show_default=False),
-    data: Path = typer.Option(None, "--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in "
-                              "digits).", show_default=False),
+    method: MixMethodName = typer.Option(
+        None, "--method", "-m", help="Mixing of each batch (default: cutmix).", show_default=False
+    ),
+    model: str = typer.Option(
+        None, "--model", help="timm model name (default: deit_tiny_patch16_224).", show_default=False
+    ),
+    img_size: int = typer.Option(
+        None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).", show_default=False
+    ),
+    patch_size: int = typer.Option(
+        None, "--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px).", show_default=False
+    ),
+    weights: Path = typer.Option(
+        None, "--weights", help="Pretrained weights, a local .safetensors file.", show_default=False
+    ),
+    init_from: Path = typer.Option(
+        None, "--init-from", help="Start from another run's weights (run folder or .safetensors).", show_default=False
+    ),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="ImageFolder root with train/ and val/ (default: built-in digits).",
+        show_default=False,
+    ),
     epochs: int = typer.Option(None, "--epochs", help="Training epochs.", show_default=False),
-    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps.",
-                                  show_default=False),
+    max_steps: int = typer.Option(
+        None, "--max-steps", help="Stop after this many optimizer steps.", show_default=False
+    ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size per process.", show_default=False),
     lr: float = typer.Option(None, "--lr", help="Base learning rate.", show_default=False),
     seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=False),
-    mixed_precision: Precision = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).",
-                                              show_default=False),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.",
-                                   show_default=False),
+    mixed_precision: Precision = typer.Option(
+        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).", show_default=False
+    ),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.", show_default=False),
     ema: bool = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False),
     workers: int = typer.Option(None, "--workers", help="Data-loading worker processes.", show_default=False),
-    skip_corrupt: bool = typer.Option(None, "--skip-corrupt", help="Skip unreadable images with a warning.",
-                                      show_default=False),
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/mix/<time>-<model>-<method>).",
-                             show_default=False),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder exactly where it stopped.",
-                                show_default=False),
+    skip_corrupt: bool = typer.Option(
+        None, "--skip-corrupt", help="Skip unreadable images with a warning.", show_default=False
+    ),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder (default: runs/mix/<time>-<model>-<method>).", show_default=False
+    ),
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the run in this folder exactly where it stopped.", show_default=False
+    ),
     force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
@@ -100,11 +115,24 @@ def train(
         return
     setup_output(quiet)
     flags = {
-        "mix.method": method, "model.name": model, "data.img_size": img_size, "model.patch_size": patch_size,
-        "model.weights": weights, "model.init_from": init_from, "data.path": data, "schedule.epochs": epochs,
-        "schedule.max_steps": max_steps, "data.batch_size": batch_size, "optim.lr": lr, "train.seed": seed,
-        "train.mixed_precision": mixed_precision, "train.grad_accum": grad_accum, "train.ema": ema,
-        "data.workers": workers, "data.skip_corrupt": skip_corrupt, "out.dir": out,
+        "mix.method": method,
+        "model.name": model,
+        "data.img_size": img_size,
+        "model.patch_size": patch_size,
+        "model.weights": weights,
+        "model.init_from": init_from,
+        "data.path": data,
+        "schedule.epochs": epochs,
+        "schedule.max_steps": max_steps,
+        "data.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.seed": seed,
+        "train.mixed_precision": mixed_precision,
+        "train.grad_accum": grad_accum,
+        "train.ema": ema,
+        "data.workers": workers,
+        "data.skip_corrupt": skip_corrupt,
+        "out.dir": out,
     }
     flags = {k: _value(v) for k, v in flags.items() if v is not None}
     from evcli.engine.run import prepare_resume, run_training
@@ -127,8 +155,10 @@ def _print_report(report: dict, json_out: bool) -> None:
     best = report.get("best") or {}
     rows = [
         ("method", f"{report['method']} on {report['model']} ({report['parameters'] / 1e6:.2f}M params)"),
-        ("steps", f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), "
-                  f"{report['device']})"),
+        (
+            "steps",
+            f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), {report['device']})",
+        ),
         ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
         ("val loss", f"{m['loss']:.4f}"),
     ]
@@ -136,8 +166,11 @@ def _print_report(report: dict, json_out: bool) -> None:
         rows.append(("EMA top-1 / top-5", f"{m['ema_top1']:.2f}% / {m['ema_top5']:.2f}%"))
     if best:
         rows.append(("best top-1", f"{best.get('top1', float('nan')):.2f}% at step {best.get('step')}"))
-    rows += [("throughput", f"{report['img_per_s']} img/s"), ("weights", report["files"]["weights"]),
-             ("report", str(Path(report["run_dir"]) / "report.json"))]
+    rows += [
+        ("throughput", f"{report['img_per_s']} img/s"),
+        ("weights", report["files"]["weights"]),
+        ("report", str(Path(report["run_dir"]) / "report.json")),
+    ]
     print_result(report, json_out, "evcli mix: result", rows)
 
 
@@ -145,12 +178,15 @@ def _print_report(report: dict, json_out: bool) -> None:
 def evaluate(
     weights: Path = typer.Argument(..., help="Weights (.safetensors) or a run folder.", show_default=False),
     recipe: str = RecipeOption,
-    model: str = typer.Option(None, "--model", help="timm model name (default: from the weights' run).",
-                              show_default=False),
-    img_size: int = typer.Option(None, "--img-size", help="Input size (default: from the weights' run).",
-                                 show_default=False),
-    data: Path = typer.Option(None, "--data", "-d", help="ImageFolder root (default: from the run, else built-in).",
-                              show_default=False),
+    model: str = typer.Option(
+        None, "--model", help="timm model name (default: from the weights' run).", show_default=False
+    ),
+    img_size: int = typer.Option(
+        None, "--img-size", help="Input size (default: from the weights' run).", show_default=False
+    ),
+    data: Path = typer.Option(
+        None, "--data", "-d", help="ImageFolder root (default: from the run, else built-in).", show_default=False
+    ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size.", show_default=False),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
@@ -165,16 +201,26 @@ def evaluate(
     rec = evaluation_recipe("mix", weights, find_recipe(recipe), flags, sets or [])
     report = run_evaluation(rec, weights)
     m = report["metrics"]
-    print_result(report, json_out, "evcli mix eval", [
-        ("weights", report["weights"]), ("model", report["model"]), ("data", report["data"]),
-        ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"), ("val loss", f"{m['loss']:.4f}")])
+    print_result(
+        report,
+        json_out,
+        "evcli mix eval",
+        [
+            ("weights", report["weights"]),
+            ("model", report["model"]),
+            ("data", report["data"]),
+            ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+            ("val loss", f"{m['loss']:.4f}"),
+        ],
+    )
 
 
 @app.command("export")
 def export(
     run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
-    output: Path = typer.Option(None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).",
-                                show_default=False),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
+    ),
     which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -184,6 +230,14 @@ def export(
     from evcli.engine.run import run_export
 
     report = run_export("mix", run, which, output)
-    print_result(report, json_out, "evcli mix export",
-                 [("from", report["checkpoint"]), ("step", str(report["step"])), ("weights", report["weights"]),
-                  ("tensors", str(report["tensors"]))])
+    print_result(
+        report,
+        json_out,
+        "evcli mix export",
+        [
+            ("from", report["checkpoint"]),
+            ("step", str(report["step"])),
+            ("weights", report["weights"]),
+            ("tensors", str(report["tensors"])),
+        ],
+    )

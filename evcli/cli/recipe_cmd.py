@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import typer
@@ -38,8 +37,10 @@ def _command_of(path: Path) -> str:
 def list_recipes(json_out: bool = JsonOption) -> None:
     """List the recipes shipped with evcli (use a name with --recipe)."""
     table = shipped_recipes()
-    rows = [{"name": name, "command": _command_of(p), "description": _describe(p), "path": str(p)}
-            for name, p in table.items()]
+    rows = [
+        {"name": name, "command": _command_of(p), "description": _describe(p), "path": str(p)}
+        for name, p in table.items()
+    ]
     if json_out:
         emit_json({"recipes": rows})
         return
@@ -103,6 +104,3 @@ def validate(
                 err_console.print(f"invalid {r['recipe']}: {r['error']}", style="red", markup=False)
     if bad:
         raise typer.Exit(EXIT_USAGE)
-
-
-

@@ -144,8 +144,10 @@ def builtin_digits() -> tuple[ArraySource, ArraySource]:
         seen[y] = seen.get(y, 0) + 1
         (val_idx if seen[y] % 5 == 0 else train_idx).append(i)
     classes = [str(c) for c in range(10)]
-    return (ArraySource(images[train_idx], labels[train_idx], classes),
-            ArraySource(images[val_idx], labels[val_idx], classes))
+    return (
+        ArraySource(images[train_idx], labels[train_idx], classes),
+        ArraySource(images[val_idx], labels[val_idx], classes),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,8 +181,7 @@ class ShardedBatchSampler(Sampler[list[tuple[int, int]]]):
     summed counts are exact.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 train: bool = True):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, train: bool = True):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.seed, self.train = seed, train
         self.epoch, self.start_batch = 0, 0
@@ -237,15 +238,21 @@ def build_transforms(cfg: Any, img_size: int, mean: Sequence[float], std: Sequen
 
     common = dict(input_size=img_size, interpolation=cfg.interpolation, mean=tuple(mean), std=tuple(std))
     train_tf = create_transform(
-        is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-        color_jitter=cfg.color_jitter, re_prob=cfg.re_prob, **common,
+        is_training=True,
+        scale=tuple(cfg.scale),
+        hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment,
+        color_jitter=cfg.color_jitter,
+        re_prob=cfg.re_prob,
+        **common,
     )
     eval_tf = create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
     return train_tf, eval_tf
 
 
-def build_classification_data(cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float],
-                              seed: int) -> ClassificationData:
+def build_classification_data(
+    cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float], seed: int
+) -> ClassificationData:
     """Train/val datasets from ``cfg.path`` (ImageFolder with train/ and val/) or the built-in set.
 
     Raises:
@@ -279,5 +286,6 @@ def build_classification_data(cfg: Any, img_size: int, mean: Sequence[float], st
 
 def make_loader(dataset: Dataset, sampler: ShardedBatchSampler, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over a batch sampler of (epoch, index) keys."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, persistent_workers=False
+    )

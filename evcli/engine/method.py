@@ -64,8 +64,15 @@ class Method:
         from evcli.models.timm_models import create_model
 
         m = self.recipe.model
-        return create_model(m.name, num_classes=m.num_classes or ctx.num_classes, img_size=self.recipe.data.img_size,
-                            patch_size=m.patch_size, drop_rate=m.drop_rate, drop_path=m.drop_path, kwargs=m.kwargs)
+        return create_model(
+            m.name,
+            num_classes=m.num_classes or ctx.num_classes,
+            img_size=self.recipe.data.img_size,
+            patch_size=m.patch_size,
+            drop_rate=m.drop_rate,
+            drop_path=m.drop_path,
+            kwargs=m.kwargs,
+        )
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Parameter groups: weight decay on weights, none on biases, norms and 1-d parameters."""
@@ -76,8 +83,9 @@ class Method:
                 continue
             (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
         wd = self.recipe.optim.weight_decay
-        return [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
-                if g["params"]]
+        return [
+            g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+        ]
 
     def configure_optimizers(self, model: nn.Module, ctx: TrainContext) -> list[torch.optim.Optimizer]:
         """The optimizers (one unless the method owns its step)."""

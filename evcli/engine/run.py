@@ -51,8 +51,9 @@ def environment() -> dict[str, Any]:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        ).stdout.strip()
         info["git_sha"] = sha or None
     except (OSError, subprocess.SubprocessError):
         info["git_sha"] = None
@@ -71,23 +72,28 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return recipe_from_saved(read_metadata(run_dir / "checkpoints" / "last.safetensors")["recipe"])
 
 
-def prepare_resume(command: str, run_dir: Path, flags: dict[str, Any], sets: list[str], force: bool
-                   ) -> tuple[Recipe, Path]:
+def prepare_resume(
+    command: str, run_dir: Path, flags: dict[str, Any], sets: list[str], force: bool
+) -> tuple[Recipe, Path]:
     """Recipe and checkpoint to continue ``run_dir``; refuses schedule-changing overrides without force."""
     if not run_dir.is_dir():
         raise CheckpointError(f"--resume: run folder not found: {run_dir}")
     ckpt = run_dir / "checkpoints" / "last.safetensors"
     if not ckpt.exists():
-        raise CheckpointError(f"--resume: {run_dir} has no checkpoints/last.safetensors to continue from",
-                              hint="the run stopped before its first checkpoint; start it again")
+        raise CheckpointError(
+            f"--resume: {run_dir} has no checkpoints/last.safetensors to continue from",
+            hint="the run stopped before its first checkpoint; start it again",
+        )
     saved = load_run_recipe(run_dir)
     if saved.command != command:
         raise UsageError(f"{run_dir} is an 'evcli {saved.command}' run, not 'evcli {command}'")
     recipe = resolve_recipe(command, flags=flags, sets=sets, base=saved.to_dict())
     changed = locked_changes(saved, recipe)
     if changed and not force:
-        raise UsageError(f"--resume would change {', '.join(changed)}, which alters the resumed run",
-                         hint="drop those overrides, or add --force to change them anyway")
+        raise UsageError(
+            f"--resume would change {', '.join(changed)}, which alters the resumed run",
+            hint="drop those overrides, or add --force to change them anyway",
+        )
     recipe.out.dir = str(run_dir)
     return recipe, ckpt
 
@@ -95,8 +101,10 @@ def prepare_resume(command: str, run_dir: Path, flags: dict[str, Any], sets: lis
 def start_run_dir(recipe: Recipe, run_dir: Path) -> None:
     """Create a fresh run folder; never reuse one that already holds a run."""
     if (run_dir / "checkpoints" / "last.safetensors").exists() or (run_dir / "report.json").exists():
-        raise UsageError(f"run folder {run_dir} already holds a run",
-                         hint=f"continue it with --resume {run_dir}, or choose another --out")
+        raise UsageError(
+            f"run folder {run_dir} already holds a run",
+            hint=f"continue it with --resume {run_dir}, or choose another --out",
+        )
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -113,8 +121,9 @@ def run_training(recipe: Recipe, resume_checkpoint: Path | None = None) -> dict[
     log(explain_provenance(recipe))
     if is_main_process():
         atomic_write_text(run_dir / "resolved_recipe.yaml", recipe.to_yaml())
-        atomic_write_text(run_dir / "env.json", json.dumps({**environment(), "seed": recipe.train.seed},
-                                                           indent=2) + "\n")
+        atomic_write_text(
+            run_dir / "env.json", json.dumps({**environment(), "seed": recipe.train.seed}, indent=2) + "\n"
+        )
     method = get_command(recipe.command).load_method_class()(recipe)
     return Trainer(recipe, method, run_dir, resume_from=resume_checkpoint).fit()
 
@@ -128,8 +137,9 @@ def run_evaluation(recipe: Recipe, weights: Path) -> dict[str, Any]:
     return Trainer(recipe, method, None).evaluate_only(path, strict=recipe.model.weights_strict)
 
 
-def evaluation_recipe(command: str, weights: Path, recipe_file: Path | None, flags: dict[str, Any],
-                      sets: list[str]) -> Recipe:
+def evaluation_recipe(
+    command: str, weights: Path, recipe_file: Path | None, flags: dict[str, Any], sets: list[str]
+) -> Recipe:
     """Recipe for evaluating ``weights``: the recipe the weights were trained with (from their run folder or
     metadata) unless a recipe file is given, then the flags and --set on top."""
     from evcli.engine.trainer import resolve_weights_source

@@ -101,8 +101,10 @@ def make_accelerator(recipe: Recipe) -> Any:
     cuda = torch.cuda.is_available() and not recipe.train.cpu
     mp = recipe.train.mixed_precision
     if mp == "fp16" and not cuda:
-        raise HardwareError("mixed_precision fp16 needs a CUDA device; none is available",
-                            hint="use --mixed-precision bf16 on CPU, or no")
+        raise HardwareError(
+            "mixed_precision fp16 needs a CUDA device; none is available",
+            hint="use --mixed-precision bf16 on CPU, or no",
+        )
     return Accelerator(cpu=not cuda, mixed_precision=mp, step_scheduler_with_optimizer=False)
 
 
@@ -158,8 +160,14 @@ class Trainer:
         if not for_training:
             self.model = self.model.to(self.accelerator.device)
             return
-        self.train_sampler = ShardedBatchSampler(len(self.data.train), r.data.batch_size, self.accelerator.process_index,
-                                                 self.world, r.train.seed, train=True)
+        self.train_sampler = ShardedBatchSampler(
+            len(self.data.train),
+            r.data.batch_size,
+            self.accelerator.process_index,
+            self.world,
+            r.train.seed,
+            train=True,
+        )
         batches = self.train_sampler.batches_per_epoch()
         if batches < r.train.grad_accum:
             raise DataError(
@@ -180,8 +188,9 @@ class Trainer:
                 continue
             path = resolve_weights_source(source) if what == "init-from" else Path(source)
             tensors, meta = read_safetensors(path, what)
-            report = load_model_weights(self.model, model_weights_from(tensors, meta), str(path),
-                                        strict=m.weights_strict)
+            report = load_model_weights(
+                self.model, model_weights_from(tensors, meta), str(path), strict=m.weights_strict
+            )
             skipped = report["missing"] + report["unexpected"] + report["mismatched"]
             log(f"weights: loaded {path}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
             if skipped:
@@ -206,8 +215,14 @@ class Trainer:
 
     def make_val_loader(self) -> Any:
         r, acc = self.recipe, self.accelerator
-        sampler = ShardedBatchSampler(len(self.data.val), r.data.eval_batch_size or 2 * r.data.batch_size,
-                                      acc.process_index, acc.num_processes, r.train.seed, train=False)
+        sampler = ShardedBatchSampler(
+            len(self.data.val),
+            r.data.eval_batch_size or 2 * r.data.batch_size,
+            acc.process_index,
+            acc.num_processes,
+            r.train.seed,
+            train=False,
+        )
         return make_loader(self.data.val, sampler, r.data.workers, acc.device.type == "cuda")
 
     @property
@@ -268,7 +283,9 @@ class Trainer:
             load_model_weights(self.ema.module, ema_state, f"{path} (EMA)", strict=True)
         state = decode_state(meta["state"], tensors)
         if len(state["optimizers"]) != len(self.optimizers):
-            raise CheckpointError(f"{path} holds {len(state['optimizers'])} optimizer states, expected {len(self.optimizers)}")
+            raise CheckpointError(
+                f"{path} holds {len(state['optimizers'])} optimizer states, expected {len(self.optimizers)}"
+            )
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
         self.method.load_state_dict(state["method"])
@@ -276,8 +293,10 @@ class Trainer:
         self.best = meta.get("best", {})
         self.last_ckpt_step = self.ctx.step
         if meta.get("world_size", 1) != self.accelerator.num_processes:
-            warn(f"resuming a {meta.get('world_size')}-process run with {self.accelerator.num_processes} process(es): "
-                 "data order and results will differ from the uninterrupted run")
+            warn(
+                f"resuming a {meta.get('world_size')}-process run with {self.accelerator.num_processes} process(es): "
+                "data order and results will differ from the uninterrupted run"
+            )
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -299,14 +318,21 @@ class Trainer:
 
     def _check_step(self, loss_sum: torch.Tensor) -> None:
         """NaN/inf guard and interrupt flag, agreed over all processes (one tiny reduce per step)."""
-        flags = torch.stack([(~torch.isfinite(loss_sum.detach().float())).float(),
-                             torch.tensor(float(self._interrupt), device=loss_sum.device)])
+        flags = torch.stack(
+            [
+                (~torch.isfinite(loss_sum.detach().float())).float(),
+                torch.tensor(float(self._interrupt), device=loss_sum.device),
+            ]
+        )
         if self.world > 1:
             flags = self.accelerator.reduce(flags, "sum")
         bad, interrupted = flags.tolist()
         if bad:
-            where = (f"{self.run_dir / 'checkpoints' / 'last.safetensors'} (step {self.last_ckpt_step})"
-                     if self.last_ckpt_step is not None and self.run_dir else "none was written yet")
+            where = (
+                f"{self.run_dir / 'checkpoints' / 'last.safetensors'} (step {self.last_ckpt_step})"
+                if self.last_ckpt_step is not None and self.run_dir
+                else "none was written yet"
+            )
             raise TrainingDiverged(
                 f"loss became {'nan' if math.isnan(loss_sum.item()) else 'inf'} at step {self.ctx.step + 1} "
                 f"(epoch {self.ctx.epoch}); the weights were not updated. Last good checkpoint: {where}",
@@ -324,8 +350,11 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         if not self.is_main or path is None or not path.exists():
             return
-        keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def _due(self, every: int) -> bool:
@@ -352,9 +381,11 @@ class Trainer:
         ckpt_every = ctx.resolve(r.train.ckpt_every) if r.train.ckpt_every else eval_every
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
         log(f"data: {self.data.description}")
-        log(f"model: {r.model.name}, {n_params / 1e6:.2f}M parameters; {acc.num_processes} process(es) on "
+        log(
+            f"model: {r.model.name}, {n_params / 1e6:.2f}M parameters; {acc.num_processes} process(es) on "
             f"{acc.device.type}; {ctx.total_steps} steps ({ctx.steps_per_epoch}/epoch), global batch "
-            f"{r.data.batch_size * acc.num_processes * r.train.grad_accum}, lr {ctx.base_lr:.3g}")
+            f"{r.data.batch_size * acc.num_processes * r.train.grad_accum}, lr {ctx.base_lr:.3g}"
+        )
         previous_handler = self._install_sigint()
         progress = _Progress(ctx.total_steps, enabled=self.is_main)
         t_start, seen, window = time.perf_counter(), 0, []
@@ -382,29 +413,39 @@ class Trainer:
                         if self._due(r.train.log_every) or ctx.step == ctx.total_steps:
                             loss = torch.stack(window).float().mean().item()
                             window = []
-                            rec = {"step": ctx.step, "epoch": ctx.epoch, "loss": loss,
-                                   "lr": self.optimizers[0].param_groups[0]["lr"],
-                                   "img_per_s": seen / max(time.perf_counter() - t_start, 1e-9)}
+                            rec = {
+                                "step": ctx.step,
+                                "epoch": ctx.epoch,
+                                "loss": loss,
+                                "lr": self.optimizers[0].param_groups[0]["lr"],
+                                "img_per_s": seen / max(time.perf_counter() - t_start, 1e-9),
+                            }
                             rec.update({k: float(v) for k, v in out.logs.items()})
                             self._write_metrics(rec)
-                            progress.note(f"step {ctx.step}/{ctx.total_steps} epoch {ctx.epoch} loss {loss:.4f} "
-                                          f"lr {rec['lr']:.3g} {rec['img_per_s']:.1f} img/s")
+                            progress.note(
+                                f"step {ctx.step}/{ctx.total_steps} epoch {ctx.epoch} loss {loss:.4f} "
+                                f"lr {rec['lr']:.3g} {rec['img_per_s']:.1f} img/s"
+                            )
                         evaluated = False
                         if self._due(eval_every) or ctx.step == ctx.total_steps:
                             metrics = self._evaluate()
                             self._write_metrics({"step": ctx.step, "epoch": ctx.epoch, "split": "val", **metrics})
-                            progress.note(f"eval step {ctx.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                            progress.note(
+                                f"eval step {ctx.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                            )
                             evaluated = True
                         is_best = evaluated and self._update_best(metrics)
                         if evaluated or self._due(ckpt_every) or self._interrupt:
                             self.save_checkpoint(is_best)
                         if self._interrupt:
-                            raise Interrupted(f"interrupted at step {ctx.step}; checkpoint saved",
-                                              hint=f"continue with: --resume {self.run_dir}")
+                            raise Interrupted(
+                                f"interrupted at step {ctx.step}; checkpoint saved",
+                                hint=f"continue with: --resume {self.run_dir}",
+                            )
         except KeyboardInterrupt as exc:
             raise Interrupted(
-                f"interrupted at step {ctx.step}" + (f"; last checkpoint at step {self.last_ckpt_step}"
-                                                     if self.last_ckpt_step is not None else ""),
+                f"interrupted at step {ctx.step}"
+                + (f"; last checkpoint at step {self.last_ckpt_step}" if self.last_ckpt_step is not None else ""),
                 hint=f"continue with: --resume {self.run_dir}" if self.last_ckpt_step is not None else None,
             ) from exc
         finally:
@@ -471,9 +512,16 @@ class Trainer:
         files: dict[str, str] = {}
         report: dict[str, Any] = {}
         if self.is_main and self.run_dir is not None:
-            meta = {"evcli_version": __version__, "command": r.command, "model_name": r.model.name,
-                    "num_classes": ctx.num_classes, "classes": list(getattr(self.data, "classes", [])),
-                    "step": ctx.step, "metrics": metrics, "recipe": r.to_dict()}
+            meta = {
+                "evcli_version": __version__,
+                "command": r.command,
+                "model_name": r.model.name,
+                "num_classes": ctx.num_classes,
+                "classes": list(getattr(self.data, "classes", [])),
+                "step": ctx.step,
+                "metrics": metrics,
+                "recipe": r.to_dict(),
+            }
             files["weights"] = str(save_weights(self.run_dir / "final.safetensors", exported, meta))
             if self.ema is not None:
                 ema_weights = self.method.export(self.ema.module, ctx)
@@ -510,9 +558,13 @@ class Trainer:
         load_model_weights(self.model, model_weights_from(tensors, meta), str(weights), strict=strict)
         self.val_loader = self.make_val_loader()
         metrics = self.method.evaluate(self.model, self.val_loader, self.ctx)
-        return {"command": self.recipe.command, "model": self.recipe.model.name, "weights": str(weights),
-                "data": self.data.description, "metrics": metrics}
-
+        return {
+            "command": self.recipe.command,
+            "model": self.recipe.model.name,
+            "weights": str(weights),
+            "data": self.data.description,
+            "metrics": metrics,
+        }
 
     def export_only(self, checkpoint: Path, output: Path) -> dict[str, Any]:
         """Rebuild the model of a training checkpoint, restore it and write the method's export."""
@@ -525,9 +577,16 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.ctx.step = int(meta["step"])
         exported = self.method.export(model, self.ctx)
-        out_meta = {"evcli_version": __version__, "command": self.recipe.command, "model_name": self.recipe.model.name,
-                    "num_classes": self.ctx.num_classes, "classes": meta.get("classes", []), "step": self.ctx.step,
-                    "metrics": meta.get("best", {}), "recipe": self.recipe.to_dict()}
+        out_meta = {
+            "evcli_version": __version__,
+            "command": self.recipe.command,
+            "model_name": self.recipe.model.name,
+            "num_classes": self.ctx.num_classes,
+            "classes": meta.get("classes", []),
+            "step": self.ctx.step,
+            "metrics": meta.get("best", {}),
+            "recipe": self.recipe.to_dict(),
+        }
         path = save_weights(output, exported, out_meta)
         return {"checkpoint": str(checkpoint), "step": self.ctx.step, "weights": str(path), "tensors": len(exported)}
 
@@ -536,8 +595,11 @@ def resolve_weights_source(source: str | Path) -> Path:
     """A run folder's exported weights (else its best, else last checkpoint), or a file as given."""
     p = Path(source).expanduser()
     if p.is_dir():
-        for candidate in (p / "final.safetensors", p / "checkpoints" / "best.safetensors",
-                          p / "checkpoints" / "last.safetensors"):
+        for candidate in (
+            p / "final.safetensors",
+            p / "checkpoints" / "best.safetensors",
+            p / "checkpoints" / "last.safetensors",
+        ):
             if candidate.exists():
                 return candidate
         raise CheckpointError(f"no weights in run folder {p} (no final.safetensors or checkpoints/)")
@@ -553,9 +615,15 @@ class _Progress:
         if enabled and sys.stderr.isatty() and os.environ.get("EVCLI_NO_PROGRESS") != "1":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[loss]}"), TimeRemainingColumn(),
-                                console=err_console, transient=False)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=False,
+            )
             self.task = self.bar.add_task("train", total=total, loss="")
 
     def __enter__(self) -> _Progress:

@@ -173,20 +173,23 @@ def check_safetensors_file(path: str | Path, what: str = "weights file") -> Path
         raise CheckpointError(f"{what} is a directory, expected a .safetensors file: {p}")
     name = p.name.lower()
     convert_hint = (
-        "convert it once, where you trust its origin: python -c \"import torch, safetensors.torch as s; "
+        'convert it once, where you trust its origin: python -c "import torch, safetensors.torch as s; '
         "s.save_file(torch.load('IN.pth', weights_only=True), 'OUT.safetensors')\""
     )
     if name.endswith(PICKLE_SUFFIXES):
         raise CheckpointError(
             f"{p} is a pickle-based PyTorch file; evcli loads weights only from .safetensors and never "
-            "unpickles a file", hint=convert_hint)
+            "unpickles a file",
+            hint=convert_hint,
+        )
     size = p.stat().st_size
     with open(p, "rb") as fh:
         head = fh.read(9)
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{p} looks like a pickle/zip PyTorch file, not safetensors; evcli never unpickles a file",
-            hint=convert_hint)
+            hint=convert_hint,
+        )
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if header_len <= 0 or header_len + 8 > size or head[8:9] != b"{":
         raise CheckpointError(f"{p} is not a safetensors file (bad or truncated header)")
@@ -222,10 +225,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def model_weights_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
+def model_weights_from(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "model."
+) -> dict[str, torch.Tensor]:
     """The model's state dict inside a training checkpoint, or the file itself for a weights file."""
     if meta.get("kind") == "training":
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     return tensors
 
 
@@ -256,7 +261,8 @@ def load_model_weights(
     unexpected = [k for k in state if k not in own]
     mismatched = [
         f"{k} {list(state[k].shape)} vs model {list(own[k].shape)}"
-        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if strict and (missing or unexpected or mismatched):
         parts = []

@@ -31,8 +31,10 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"image not found: {p}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"corrupt or unreadable image: {p} ({reason})",
-                        hint="fix or remove it, or set data.skip_corrupt=true to skip such files") from exc
+        raise DataError(
+            f"corrupt or unreadable image: {p} ({reason})",
+            hint="fix or remove it, or set data.skip_corrupt=true to skip such files",
+        ) from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -43,7 +45,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype("uint8")
-        img = Image.fromarray(arr, mode="L")
+        img = Image.fromarray(arr)
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))

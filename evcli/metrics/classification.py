@@ -32,8 +32,14 @@ def evaluate_classifier(model: nn.Module, loader: Any, ctx: Any) -> dict[str, fl
         logits = logits.float()
         c1, c5 = topk_correct(logits, y, (1, 5))
         loss = nn.functional.cross_entropy(logits, y, reduction="sum")
-        totals += torch.stack([c1.double(), c5.double(), loss.double(), torch.tensor(float(len(y)), dtype=torch.float64,
-                                                                                     device=acc.device)])
+        totals += torch.stack(
+            [
+                c1.double(),
+                c5.double(),
+                loss.double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=acc.device),
+            ]
+        )
     if acc.num_processes > 1:
         totals = acc.reduce(totals, "sum")
     model.train(was_training)

@@ -28,9 +28,15 @@ def auto_patch_size(img_size: int) -> int:
     return max(1, img_size // 8)
 
 
-def create_model(name: str, num_classes: int, img_size: int | None = None, patch_size: int | None = None,
-                 drop_rate: float = 0.0, drop_path: float = 0.0, kwargs: dict[str, Any] | None = None
-                 ) -> torch.nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    drop_rate: float = 0.0,
+    drop_path: float = 0.0,
+    kwargs: dict[str, Any] | None = None,
+) -> torch.nn.Module:
     """Create a timm model with random weights (never downloads).
 
     ``img_size`` is passed to models that take it (ViTs); ``patch_size`` defaults to the model's own,
@@ -59,8 +65,9 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, patch
         sized["patch_size"] = patch_size
 
     def build(**size_args: Any) -> torch.nn.Module:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate,
-                                 **extra, **size_args)
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra, **size_args
+        )
 
     try:
         while True:
@@ -73,8 +80,7 @@ def create_model(name: str, num_classes: int, img_size: int | None = None, patch
                 if dropped is None:
                     raise
                 if dropped == "patch_size" and patch_size is not None:
-                    raise UsageError(
-                        f"model '{name}' has no patch size (patch_size is for ViT-style models)") from exc
+                    raise UsageError(f"model '{name}' has no patch size (patch_size is for ViT-style models)") from exc
                 sized.pop(dropped)
     except TypeError as exc:
         raise UsageError(f"model '{name}' rejected its arguments: {exc}") from exc

@@ -25,13 +25,32 @@ TINY_FLAGS: dict[str, Any] = {
 }
 """Recipe overrides for a run of a few seconds: timm's test_vit at 16 px, batch 8, 3 steps."""
 
-TINY_ARGS = ["--model", "test_vit", "--patch-size", "4", "--img-size", "16", "-b", "8", "--workers", "0",
-             "--epochs", "1", "--max-steps", "3", "--set", "data.hflip=0.0", "--set", "train.log_every=1"]
+TINY_ARGS = [
+    "--model",
+    "test_vit",
+    "--patch-size",
+    "4",
+    "--img-size",
+    "16",
+    "-b",
+    "8",
+    "--workers",
+    "0",
+    "--epochs",
+    "1",
+    "--max-steps",
+    "3",
+    "--set",
+    "data.hflip=0.0",
+    "--set",
+    "train.log_every=1",
+]
 """The same as CLI arguments."""
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 16, val_per_class: int = 2,
-                      seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 6, size: int = 16, val_per_class: int = 2, seed: int = 0
+) -> Path:
     """An ImageFolder ``root/{train,val}/<class>/*.png`` of random-pattern RGB images (class = hue)."""
     from PIL import Image
 

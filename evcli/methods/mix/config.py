@@ -37,7 +37,8 @@ class MixConfig:
         if self.method != "none" and recipe.data.batch_size % 2:
             raise RecipeError(
                 f"mix.method {self.method} pairs image i with image B-1-i and needs an even batch size, "
-                f"got data.batch_size={recipe.data.batch_size}")
+                f"got data.batch_size={recipe.data.batch_size}"
+            )
         if not 0.0 <= self.prob <= 1.0:
             raise RecipeError("recipe key 'mix.prob' must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:

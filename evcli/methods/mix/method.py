@@ -32,7 +32,10 @@ class MixMethod(Method):
             self.mixer = Mixup(
                 mixup_alpha=c.mixup_alpha if c.method == "mixup" else 0.0,
                 cutmix_alpha=c.cutmix_alpha if c.method == "cutmix" else 0.0,
-                prob=c.prob, switch_prob=0.0, mode="batch", label_smoothing=c.label_smoothing,
+                prob=c.prob,
+                switch_prob=0.0,
+                mode="batch",
+                label_smoothing=c.label_smoothing,
                 num_classes=self.recipe.model.num_classes or ctx.num_classes,
             )
         return model

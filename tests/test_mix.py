@@ -1,0 +1,155 @@
+"""`evcli mix` end to end: train, evaluate, resume, export on built-in data and on an ImageFolder;
+and 2-process training through `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evcli.engine.trainer import Trainer
+from evcli.testing import TINY_ARGS, make_image_folder, run_cli
+
+
+@pytest.mark.parametrize("method", ["none", "mixup", "cutmix"])
+def test_mix_methods_train_on_builtin_data(tmp_path: Path, method: str):
+    r = run_cli(["mix", *TINY_ARGS, "--method", method, "-o", str(tmp_path / "run"), "--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)  # exactly one JSON object on stdout
+    assert report["method"] == method and report["steps"] == 3
+    assert 0.0 <= report["metrics"]["top1"] <= report["metrics"]["top5"] <= 100.0
+    run = tmp_path / "run"
+    for name in (
+        "resolved_recipe.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "report.json",
+        "final.safetensors",
+        "checkpoints/last.safetensors",
+        "checkpoints/best.safetensors",
+    ):
+        assert (run / name).exists(), name
+    assert "built-in digits" in report["data"]
+
+
+def test_cutmix_on_image_folder_train_eval_resume_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=8)
+    run = tmp_path / "run"
+    args = [
+        "mix",
+        *TINY_ARGS,
+        "--method",
+        "cutmix",
+        "--data",
+        str(data),
+        "-b",
+        "4",
+        "--max-steps",
+        "4",
+        "--set",
+        "train.ckpt_every=1step",
+        "-o",
+        str(run),
+    ]
+    r = run_cli(args + ["--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert "ImageFolder" in report["data"] and report["steps"] == 4
+
+    # evaluate the exported weights (model and data come from the run's recipe)
+    r = run_cli(["mix", "eval", str(run / "final.safetensors"), "--json"])
+    assert r.code == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["metrics"]["top1"] == pytest.approx(report["metrics"]["top1"])
+
+    # export the best checkpoint through the method's export hook
+    r = run_cli(["mix", "export", str(run), "--which", "last", "-o", str(tmp_path / "x.safetensors"), "--json"])
+    assert r.code == 0, r.stderr
+    exported, final = load_file(str(tmp_path / "x.safetensors")), load_file(str(run / "final.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+    # the same run interrupted (as by Ctrl-C) after step 2: exit 130, then --resume finishes identically
+    original = Trainer._train_step
+
+    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
+        out = original(self, batches)
+        if self.ctx.step + 1 == 2:
+            self._interrupt = True
+        return out
+
+    partial = tmp_path / "partial"
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    r = run_cli([*args[:-1], str(partial)])
+    monkeypatch.undo()
+    assert r.code == 130 and f"--resume {partial}" in r.stderr
+    r = run_cli(["mix", "--resume", str(partial), "--json"])
+    assert r.code == 0, r.stderr
+    again = load_file(str(partial / "final.safetensors"))
+    assert all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_weights_flag_loads_local_safetensors(tmp_path: Path):
+    r = run_cli(["mix", *TINY_ARGS, "--max-steps", "1", "-o", str(tmp_path / "a")])
+    assert r.code == 0, r.stderr
+    r = run_cli(
+        [
+            "mix",
+            *TINY_ARGS,
+            "--max-steps",
+            "1",
+            "--weights",
+            str(tmp_path / "a" / "final.safetensors"),
+            "-o",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert r.code == 0, r.stderr
+    assert "weights: loaded" in r.stderr
+    r = run_cli(["mix", *TINY_ARGS, "--max-steps", "1", "--init-from", str(tmp_path / "a"), "-o", str(tmp_path / "c")])
+    assert r.code == 0, r.stderr
+
+
+def test_two_processes_through_accelerate_launch(tmp_path: Path):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate launcher not installed next to this python"
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "evcli",
+        "mix",
+        *TINY_ARGS,
+        "--max-steps",
+        "2",
+        "-o",
+        str(tmp_path / "ddp"),
+        "--json",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 0 only
+    assert reports[0]["processes"] == 2 and reports[0]["steps"] == 2
+    assert (tmp_path / "ddp" / "final.safetensors").exists()
