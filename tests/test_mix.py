@@ -153,3 +153,15 @@ def test_two_processes_through_accelerate_launch(tmp_path: Path):
     assert len(reports) == 1  # rank 0 only
     assert reports[0]["processes"] == 2 and reports[0]["steps"] == 2
     assert (tmp_path / "ddp" / "final.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["mix/tiny", "mix/quickstart"])
+def test_shipped_small_recipes_run(tmp_path: Path, name: str):
+    r = run_cli(["mix", "--recipe", name, "--max-steps", "2", "-b", "8", "-o", str(tmp_path / "r"), "--json"])
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["steps"] == 2
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path):
+    r = run_cli(["mix", *TINY_ARGS, "--max-steps", "1", "--mixed-precision", "bf16", "-o", str(tmp_path / "r")])
+    assert r.code == 0, r.stderr
