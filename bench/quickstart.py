@@ -33,7 +33,7 @@ def main() -> None:
 
     result = {
         "benchmark": "quickstart",
-        "command": "python bench/quickstart.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join(["python bench/quickstart.py", *(shlex.quote(a) for a in sys.argv[1:])]),
         "runs": "evcli mix --recipe mix/quickstart",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "torch": torch.__version__,

@@ -109,6 +109,13 @@ def make_accelerator(recipe: Recipe) -> Any:
             "mixed_precision fp16 needs a CUDA device; none is available",
             hint="use --mixed-precision bf16 on CPU, or no",
         )
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state that refuses a second, different precision; a library user
+    # may run several evcli jobs in one process (train fp32, then evaluate bf16). Reset it, keeping the
+    # process group (PartialState) intact.
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not cuda, mixed_precision=mp, step_scheduler_with_optimizer=False)
 
 
