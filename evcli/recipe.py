@@ -147,7 +147,8 @@ class TrainConfig:
     eval_every: Duration = Duration("1ep")
     ckpt_every: Duration | None = None  # default: same as eval_every
     log_every: int = 10  # steps between metric log lines
-    best_metric: str = "top1"  # higher is better
+    best_metric: str = "top1"  # metric (from the method's evaluate) that selects best.safetensors
+    best_mode: Literal["max", "min"] = "max"  # whether higher or lower best_metric is better
     cpu: bool = False  # force CPU even when CUDA is available
 
 

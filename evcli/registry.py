@@ -8,6 +8,7 @@ recipe loader and checkpoint metadata all speak these names.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,6 @@ class CommandSpec:
 
 _COMMANDS: dict[str, CommandSpec] = {}
 
-# Config modules (torch-free) that register themselves when imported.
-_CONFIG_MODULES = ("evcli.methods.mix.config",)
-
 
 def register_command(
     name: str, implementation: str, help: str = "", defaults: dict[str, Any] | None = None
@@ -49,8 +47,12 @@ def register_command(
 
 
 def _load_all() -> None:
-    for module in _CONFIG_MODULES:
-        importlib.import_module(module)
+    """Import every ``evcli/methods/<name>/config.py`` (torch-free); each registers its command."""
+    import evcli.methods
+
+    root = Path(evcli.methods.__file__).parent
+    for config in sorted(root.glob("*/config.py")):
+        importlib.import_module(f"evcli.methods.{config.parent.name}.config")
 
 
 def commands() -> dict[str, CommandSpec]:

@@ -41,7 +41,9 @@ def root(
     """evcli: efficient vision models from the command line."""
 
 
+# One line per method subcommand, added when the subcommand works.
 app.add_typer(mix_cmd.app, name="mix")
+
 app.add_typer(recipe_cmd.app, name="recipe")
 env_cmd.register(app)
 

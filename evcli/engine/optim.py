@@ -24,7 +24,8 @@ class LRSchedule:
     """Linear warm-up then cosine / step / constant, evaluated per optimizer step.
 
     Each parameter group follows the schedule scaled to its own base lr (``initial_lr``), so a group
-    with a 10x lr keeps its ratio, min_lr and warmup_lr included.
+    with a 10x lr keeps its ratio, min_lr and warmup_lr included. A group with
+    ``lr_schedule: "method"`` is left alone: its method sets that group's lr itself (e.g. OptG's mask lr).
     """
 
     def __init__(self, cfg: ScheduleConfig, base_lr: float, total_steps: int, steps_per_epoch: int):
@@ -52,6 +53,8 @@ class LRSchedule:
         """Set every group's lr for ``step``; returns the first group's lr."""
         f = self.factor(step)
         for group in optimizer.param_groups:
+            if group.get("lr_schedule") == "method":
+                continue
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * f
         return optimizer.param_groups[0]["lr"]

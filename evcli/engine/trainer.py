@@ -511,10 +511,11 @@ class Trainer:
         return out
 
     def _update_best(self, metrics: dict[str, float]) -> bool:
-        key = self.recipe.train.best_metric
+        key, mode = self.recipe.train.best_metric, self.recipe.train.best_mode
         if key not in metrics:
             return False
-        if not self.best or metrics[key] > self.best.get(key, -math.inf):
+        previous = self.best.get(key)
+        if previous is None or (metrics[key] > previous if mode == "max" else metrics[key] < previous):
             self.best = {"step": self.ctx.step, **metrics}
             return True
         return False
