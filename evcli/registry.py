@@ -8,9 +8,9 @@ recipe loader and checkpoint metadata all speak these names.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from evcli.errors import UsageError
