@@ -9,7 +9,12 @@ import typer
 
 from evcli.cli.common import JsonOption, QuietOption, RecipeOption, SetOption, find_recipe, print_result, setup_output
 
-HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup or CutMix.
+HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup, CutMix or SMMix.
+
+SMMix (self-motivated image mixing, arXiv 2212.12977) works on ViTs (timm ViT/DeiT, CaiT, PVT v2):
+half of the batches paste each partner's most-attended region over the image's least-attended one,
+judged by the model's own last-layer attention, with a token-head loss per region and a consistency
+loss; the other half take Mixup. Token grid and patch size come from the model.
 
 Without --data it trains on the built-in data: scikit-learn's digits, 1,797 real 8x8 scans of
 handwritten digits (10 classes) shipped inside scikit-learn, upsampled to --img-size (every 5th
@@ -24,6 +29,8 @@ Examples:
   evcli mix --recipe mix/quickstart
 
   evcli mix --method cutmix --model deit_tiny_patch16_224 --img-size 32 --epochs 5
+
+  evcli mix --method smmix --model deit_tiny_patch16_224 --img-size 32 --save-mixed 8
 
   evcli mix --data ~/data/imagenette --img-size 160 --weights deit_tiny.safetensors
 
@@ -43,6 +50,7 @@ class MixMethodName(str, Enum):
     none = "none"
     mixup = "mixup"
     cutmix = "cutmix"
+    smmix = "smmix"
 
 
 class Precision(str, Enum):
@@ -60,7 +68,7 @@ def train(
     ctx: typer.Context,
     recipe: str = RecipeOption,
     method: MixMethodName = typer.Option(
-        None, "--method", "-m", help="Mixing of each batch (default: cutmix).", show_default=False
+        None, "--method", "-m", help="Mixing of each batch (default: cutmix); smmix for ViTs.", show_default=False
     ),
     model: str = typer.Option(
         None, "--model", help="timm model name (default: deit_tiny_patch16_224).", show_default=False
@@ -107,6 +115,12 @@ def train(
         None, "--resume", help="Continue the run in this folder exactly where it stopped.", show_default=False
     ),
     force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
+    save_mixed: int = typer.Option(
+        None,
+        "--save-mixed",
+        help="SMMix: write a PNG of N mixed images with their regions to the run folder.",
+        show_default=False,
+    ),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -131,6 +145,7 @@ def train(
         "train.grad_accum": grad_accum,
         "train.ema": ema,
         "data.workers": workers,
+        "mix.save_mixed": save_mixed,
         "data.skip_corrupt": skip_corrupt,
         "out.dir": out,
     }

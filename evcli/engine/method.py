@@ -42,6 +42,7 @@ class Method:
     """Base class with classification defaults; override what a method changes."""
 
     owns_step: bool = False
+    ddp_find_unused_parameters: bool = False  # some parameters are unused on some steps
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -118,6 +119,10 @@ class Method:
         from evcli.metrics.classification import evaluate_classifier
 
         return evaluate_classifier(model, loader, ctx)
+
+    def weights_target(self, model: nn.Module) -> nn.Module:
+        """The module that ``--weights`` / ``--init-from`` / ``eval`` weights load into (default: the model)."""
+        return model
 
     def export(self, model: nn.Module, ctx: TrainContext) -> dict[str, torch.Tensor]:
         """The weights to ship (train-only parts dropped, masks folded in...)."""

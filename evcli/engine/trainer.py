@@ -98,9 +98,14 @@ def _reseed_globals(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def make_accelerator(recipe: Recipe) -> Any:
-    """An Accelerator for the recipe's precision; refuses what the hardware cannot do."""
+def make_accelerator(recipe: Recipe, find_unused_parameters: bool = False) -> Any:
+    """An Accelerator for the recipe's precision; refuses what the hardware cannot do.
+
+    ``find_unused_parameters`` is passed to DDP for methods with parameters that some steps do not use
+    (SMMix's token head on Mixup steps).
+    """
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     cuda = torch.cuda.is_available() and not recipe.train.cpu
     mp = recipe.train.mixed_precision
@@ -116,7 +121,8 @@ def make_accelerator(recipe: Recipe) -> Any:
     # process group (PartialState) intact.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mp:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=not cuda, mixed_precision=mp, step_scheduler_with_optimizer=False)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
+    return Accelerator(cpu=not cuda, mixed_precision=mp, step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
 
 
 def norm_stats(recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -149,7 +155,7 @@ class Trainer:
         self.method = method
         self.run_dir = run_dir
         self.resume_from = resume_from
-        self.accelerator = make_accelerator(recipe)
+        self.accelerator = make_accelerator(recipe, find_unused_parameters=method.ddp_find_unused_parameters)
         self.is_main = self.accelerator.is_main_process
         self.ctx = TrainContext(self.accelerator, recipe, run_dir)
         self.ctx.norm_mean, self.ctx.norm_std = norm_stats(recipe)
@@ -199,9 +205,8 @@ class Trainer:
                 continue
             path = resolve_weights_source(source) if what == "init-from" else Path(source)
             tensors, meta = read_safetensors(path, what)
-            report = load_model_weights(
-                self.model, model_weights_from(tensors, meta), str(path), strict=m.weights_strict
-            )
+            target, state = weights_target(self.method, self.model, model_weights_from(tensors, meta))
+            report = load_model_weights(target, state, str(path), strict=m.weights_strict)
             skipped = report["missing"] + report["unexpected"] + report["mismatched"]
             log(f"weights: loaded {path}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
             if skipped:
@@ -572,7 +577,8 @@ class Trainer:
         """Build the model, load ``weights`` and evaluate it on the val data."""
         self._build(for_training=False)
         tensors, meta = read_safetensors(weights, "weights file")
-        load_model_weights(self.model, model_weights_from(tensors, meta), str(weights), strict=strict)
+        target, state = weights_target(self.method, self.model, model_weights_from(tensors, meta))
+        load_model_weights(target, state, str(weights), strict=strict)
         self.val_loader = self.make_val_loader()
         metrics = self.method.evaluate(self.model, self.val_loader, self.ctx)
         return {
@@ -606,6 +612,20 @@ class Trainer:
         }
         path = save_weights(output, exported, out_meta)
         return {"checkpoint": str(checkpoint), "step": self.ctx.step, "weights": str(path), "tensors": len(exported)}
+
+
+def weights_target(
+    method: Method, model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Where user weights go: the method's ``weights_target`` (e.g. the backbone inside a train-time
+    wrapper). Weights saved from the whole wrapper (a training checkpoint) are narrowed to it."""
+    target = method.weights_target(model)
+    if target is model:
+        return model, state
+    prefix = next(name for name, module in model.named_modules() if module is target) + "."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return target, state
 
 
 def resolve_weights_source(source: str | Path) -> Path:

@@ -12,7 +12,7 @@ from evcli.registry import register_command
 @register_command(
     "mix",
     implementation="evcli.methods.mix.method:MixMethod",
-    help="Train an image classifier (any timm model) with image mixing: none, Mixup or CutMix.",
+    help="Train an image classifier (any timm model) with image mixing: none, Mixup, CutMix or SMMix.",
     defaults={
         "model.name": "deit_tiny_patch16_224",
         "optim.name": "adamw",
@@ -26,11 +26,18 @@ from evcli.registry import register_command
 class MixConfig:
     """Image mixing of each training batch and the classification loss."""
 
-    method: Literal["none", "mixup", "cutmix"] = "cutmix"
-    mixup_alpha: float = 0.8  # Beta(alpha, alpha) of the Mixup ratio
+    method: Literal["none", "mixup", "cutmix", "smmix"] = "cutmix"
+    mixup_alpha: float = 0.8  # Beta(alpha, alpha) of the Mixup ratio (also SMMix's Mixup half)
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of the CutMix area ratio
-    prob: float = 1.0  # probability that a batch is mixed at all
+    prob: float = 1.0  # probability that a batch is mixed at all (mixup / cutmix)
     label_smoothing: float = 0.1
+    # SMMix (arXiv 2212.12977); the paper's defaults
+    switch_prob: float = 0.5  # probability that a batch takes the SMMix branch; the rest take Mixup
+    min_side_ratio: float = 0.25  # region side r drawn from int(s*min) .. int(s*max) on an s x s grid
+    max_side_ratio: float = 0.75
+    fine_weight: float = 1.0  # weight of the fine-grained label assignment (token head) loss
+    consistency_weight: float = 1.0  # weight of the feature consistency KL term
+    save_mixed: int = 0  # write a PNG of this many SMMix-mixed images (with their regions) to the run folder
 
     def validate(self, recipe: Any) -> None:
         """Cross-key checks of the mix section."""
@@ -39,9 +46,17 @@ class MixConfig:
                 f"mix.method {self.method} pairs image i with image B-1-i and needs an even batch size, "
                 f"got data.batch_size={recipe.data.batch_size}"
             )
-        if not 0.0 <= self.prob <= 1.0:
-            raise RecipeError("recipe key 'mix.prob' must be in [0, 1]")
+        if not 0.0 <= self.prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
+            raise RecipeError("recipe keys 'mix.prob' and 'mix.switch_prob' must be in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise RecipeError("recipe key 'mix.label_smoothing' must be in [0, 1)")
         if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
             raise RecipeError("recipe keys 'mix.mixup_alpha' and 'mix.cutmix_alpha' must be > 0")
+        if not 0.0 < self.min_side_ratio <= self.max_side_ratio < 1.0:
+            raise RecipeError("mix.min_side_ratio and mix.max_side_ratio need 0 < min <= max < 1")
+        if self.save_mixed < 0 or self.save_mixed > recipe.data.batch_size:
+            raise RecipeError(
+                f"mix.save_mixed ({self.save_mixed}) must be between 0 and the batch size ({recipe.data.batch_size})"
+            )
+        if self.save_mixed and self.method != "smmix":
+            raise RecipeError("mix.save_mixed pictures SMMix batches: use it with mix.method smmix")
