@@ -98,34 +98,41 @@ def prepare_resume(
     return recipe, ckpt
 
 
-def start_run_dir(recipe: Recipe, run_dir: Path) -> None:
-    """Create a fresh run folder; never reuse one that already holds a run."""
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder that already holds a run (nothing written before is ever overwritten)."""
     if (run_dir / "checkpoints" / "last.safetensors").exists() or (run_dir / "report.json").exists():
         raise UsageError(
             f"run folder {run_dir} already holds a run",
             hint=f"continue it with --resume {run_dir}, or choose another --out",
         )
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_run_files(recipe: Recipe, run_dir: Path) -> None:
+    """Create the run folder with its resolved recipe and environment (rank 0)."""
+    if not is_main_process():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "resolved_recipe.yaml", recipe.to_yaml())
+    atomic_write_text(run_dir / "env.json", json.dumps({**environment(), "seed": recipe.train.seed}, indent=2) + "\n")
 
 
 def run_training(recipe: Recipe, resume_checkpoint: Path | None = None) -> dict[str, Any]:
-    """Train ``recipe`` in its run folder (fresh, or resumed from ``resume_checkpoint``)."""
+    """Train ``recipe`` in its run folder (fresh, or resumed from ``resume_checkpoint``).
+
+    The folder is created only once data, model, weights and optimizer are built, so a mistake in any
+    of them leaves nothing behind.
+    """
     from evcli.engine.trainer import Trainer
 
     run_dir = Path(recipe.out.dir) if recipe.out.dir else default_run_dir(recipe)
     recipe.out.dir = str(run_dir)
     if resume_checkpoint is None:
-        start_run_dir(recipe, run_dir)
+        check_run_dir(run_dir)
     log(f"run folder: {run_dir}")
     log(explain_provenance(recipe))
-    if is_main_process():
-        atomic_write_text(run_dir / "resolved_recipe.yaml", recipe.to_yaml())
-        atomic_write_text(
-            run_dir / "env.json", json.dumps({**environment(), "seed": recipe.train.seed}, indent=2) + "\n"
-        )
     method = get_command(recipe.command).load_method_class()(recipe)
-    return Trainer(recipe, method, run_dir, resume_from=resume_checkpoint).fit()
+    trainer = Trainer(recipe, method, run_dir, resume_from=resume_checkpoint)
+    return trainer.fit(on_ready=lambda: write_run_files(recipe, run_dir))
 
 
 def run_evaluation(recipe: Recipe, weights: Path) -> dict[str, Any]:

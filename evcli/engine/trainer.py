@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,12 +389,18 @@ class Trainer:
             metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
         return metrics
 
-    def fit(self) -> dict[str, Any]:
-        """Train to the end of the schedule, evaluate, export; returns the report."""
+    def fit(self, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Train to the end of the schedule, evaluate, export; returns the report.
+
+        Args:
+            on_ready: called once everything is built, before the first step (creates the run folder).
+        """
         self._build(for_training=True)
         if self.resume_from is None:
             self._load_initial_weights()
         self._prepare()
+        if on_ready is not None:
+            on_ready()
         r, ctx, acc = self.recipe, self.ctx, self.accelerator
         if self.resume_from is not None:
             self._trim_metrics(ctx.step)

@@ -31,6 +31,8 @@ from evcli.errors import CheckpointError
 
 FORMAT_VERSION = 1
 META_KEY = "evcli"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".th", ".model")
 
 
@@ -52,6 +54,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -185,7 +188,8 @@ def check_safetensors_file(path: str | Path, what: str = "weights file") -> Path
     size = p.stat().st_size
     with open(p, "rb") as fh:
         head = fh.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # A safetensors header starts with its length; a length ending in byte 0x80 is fine when "{" follows.
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise CheckpointError(
             f"{p} looks like a pickle/zip PyTorch file, not safetensors; evcli never unpickles a file",
             hint=convert_hint,
