@@ -4,10 +4,6 @@ and 2-process training through `accelerate launch`."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from evcli.engine.trainer import Trainer
-from evcli.testing import TINY_ARGS, make_image_folder, run_cli
+from evcli.testing import TINY_ARGS, launch_two_processes, make_image_folder, run_cli
 
 
 @pytest.mark.parametrize("method", ["none", "mixup", "cutmix"])
@@ -117,37 +113,7 @@ def test_weights_flag_loads_local_safetensors(tmp_path: Path):
 
 
 def test_two_processes_through_accelerate_launch(tmp_path: Path):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    assert accelerate, "accelerate launcher not installed next to this python"
-    cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "evcli",
-        "mix",
-        *TINY_ARGS,
-        "--max-steps",
-        "2",
-        "-o",
-        str(tmp_path / "ddp"),
-        "--json",
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-    )
+    proc = launch_two_processes(["mix", *TINY_ARGS, "--max-steps", "2", "-o", str(tmp_path / "ddp"), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1  # rank 0 only

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from safetensors.torch import load_file
 
 from evcli.errors import UsageError
 from evcli.methods.mix import smmix as sm
-from evcli.testing import TINY_ARGS, make_image_folder, run_cli
+from evcli.testing import TINY_ARGS, launch_two_processes, make_image_folder, run_cli
 
 
 @pytest.mark.parametrize(("s", "expected"), [(14, list(range(3, 11))), (7, [1, 2, 3, 4, 5]), (8, [2, 3, 4, 5, 6])])
@@ -222,37 +218,7 @@ def test_smmix_bad_input(tmp_path: Path, args: list[str], code: int, text: str):
 
 def test_smmix_two_processes(tmp_path: Path):
     """DDP must tolerate the token head being idle on Mixup steps (find_unused_parameters)."""
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    cmd = [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "evcli",
-        "mix",
-        *TINY_ARGS,
-        "--method",
-        "smmix",
-        "--max-steps",
-        "3",
-        "-o",
-        str(tmp_path / "ddp"),
-        "--json",
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-    )
+    args = ["mix", *TINY_ARGS, "--method", "smmix", "--max-steps", "3", "-o", str(tmp_path / "ddp"), "--json"]
+    proc = launch_two_processes(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["processes"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,60 @@ SetOption = typer.Option(
 )
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
+
+
+def flag(*names: str, help: str) -> Any:
+    """A typed training flag: default None means "not typed", so the recipe's value stays."""
+    return typer.Option(None, *names, help=help, show_default=False)
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# Training flags shared by every training subcommand (each maps to one recipe key, see TRAIN_FLAG_KEYS).
+WeightsOption = flag("--weights", help="Pretrained weights, a local .safetensors file.")
+InitFromOption = flag("--init-from", help="Start from another run's weights (run folder or .safetensors).")
+EpochsOption = flag("--epochs", help="Training epochs.")
+MaxStepsOption = flag("--max-steps", help="Stop after this many optimizer steps.")
+BatchSizeOption = flag("--batch-size", "-b", help="Batch size per process.")
+LrOption = flag("--lr", help="Base learning rate.")
+SeedOption = flag("--seed", help="Random seed.")
+PrecisionOption = flag("--mixed-precision", help="no, bf16 or fp16 (CUDA).")
+GradAccumOption = flag("--grad-accum", help="Micro-batches per optimizer step.")
+EmaOption = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False)
+WorkersOption = flag("--workers", help="Data-loading worker processes.")
+ResumeOption = flag("--resume", help="Continue the run in this folder exactly where it stopped.")
+ForceOption = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule.")
+
+
+def recipe_flags(**typed: Any) -> dict[str, Any]:
+    """Recipe keys of the flags the user typed: ``recipe_flags(**{"optim.lr": lr, ...})`` minus the Nones,
+    with enums and paths turned into plain values."""
+    plain = {}
+    for key, value in typed.items():
+        if value is None:
+            continue
+        plain[key] = value.value if isinstance(value, Enum) else (str(value) if isinstance(value, Path) else value)
+    return plain
+
+
+def train_or_resume(
+    command: str, recipe: str | None, resume: Path | None, force: bool, flags: dict[str, Any], sets: list[str] | None
+) -> dict[str, Any]:
+    """Resolve the recipe (or the resumed run's) and train; returns the report."""
+    from evcli.engine.run import prepare_resume, run_training
+    from evcli.recipe import resolve_recipe
+
+    if resume is not None:
+        if recipe is not None:
+            raise typer.BadParameter("--resume uses the run's own recipe; drop --recipe", param_hint="--recipe")
+        rec, ckpt = prepare_resume(command, Path(resume), flags, sets or [], force)
+    else:
+        rec, ckpt = resolve_recipe(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
+    return run_training(rec, resume_checkpoint=ckpt)
 
 
 def shipped_recipes_root() -> Path:

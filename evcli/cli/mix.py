@@ -7,7 +7,31 @@ from pathlib import Path
 
 import typer
 
-from evcli.cli.common import JsonOption, QuietOption, RecipeOption, SetOption, find_recipe, print_result, setup_output
+from evcli.cli.common import (
+    BatchSizeOption,
+    EmaOption,
+    EpochsOption,
+    ForceOption,
+    GradAccumOption,
+    InitFromOption,
+    JsonOption,
+    LrOption,
+    MaxStepsOption,
+    Precision,
+    PrecisionOption,
+    QuietOption,
+    RecipeOption,
+    ResumeOption,
+    SeedOption,
+    SetOption,
+    WeightsOption,
+    WorkersOption,
+    find_recipe,
+    print_result,
+    recipe_flags,
+    setup_output,
+    train_or_resume,
+)
 
 HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup, CutMix or SMMix.
 
@@ -53,16 +77,6 @@ class MixMethodName(str, Enum):
     smmix = "smmix"
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-def _value(v: object) -> object:
-    return v.value if isinstance(v, Enum) else (str(v) if isinstance(v, Path) else v)
-
-
 @app.callback()
 def train(
     ctx: typer.Context,
@@ -79,12 +93,8 @@ def train(
     patch_size: int = typer.Option(
         None, "--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px).", show_default=False
     ),
-    weights: Path = typer.Option(
-        None, "--weights", help="Pretrained weights, a local .safetensors file.", show_default=False
-    ),
-    init_from: Path = typer.Option(
-        None, "--init-from", help="Start from another run's weights (run folder or .safetensors).", show_default=False
-    ),
+    weights: Path = WeightsOption,
+    init_from: Path = InitFromOption,
     data: Path = typer.Option(
         None,
         "--data",
@@ -92,29 +102,23 @@ def train(
         help="ImageFolder root with train/ and val/ (default: built-in digits).",
         show_default=False,
     ),
-    epochs: int = typer.Option(None, "--epochs", help="Training epochs.", show_default=False),
-    max_steps: int = typer.Option(
-        None, "--max-steps", help="Stop after this many optimizer steps.", show_default=False
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size per process.", show_default=False),
-    lr: float = typer.Option(None, "--lr", help="Base learning rate.", show_default=False),
-    seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=False),
-    mixed_precision: Precision = typer.Option(
-        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).", show_default=False
-    ),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.", show_default=False),
-    ema: bool = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False),
-    workers: int = typer.Option(None, "--workers", help="Data-loading worker processes.", show_default=False),
+    epochs: int = EpochsOption,
+    max_steps: int = MaxStepsOption,
+    batch_size: int = BatchSizeOption,
+    lr: float = LrOption,
+    seed: int = SeedOption,
+    mixed_precision: Precision = PrecisionOption,
+    grad_accum: int = GradAccumOption,
+    ema: bool = EmaOption,
+    workers: int = WorkersOption,
     skip_corrupt: bool = typer.Option(
         None, "--skip-corrupt", help="Skip unreadable images with a warning.", show_default=False
     ),
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder (default: runs/mix/<time>-<model>-<method>).", show_default=False
     ),
-    resume: Path = typer.Option(
-        None, "--resume", help="Continue the run in this folder exactly where it stopped.", show_default=False
-    ),
-    force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
+    resume: Path = ResumeOption,
+    force: bool = ForceOption,
     save_mixed: int = typer.Option(
         None,
         "--save-mixed",
@@ -128,38 +132,30 @@ def train(
     if ctx.invoked_subcommand is not None:
         return
     setup_output(quiet)
-    flags = {
-        "mix.method": method,
-        "model.name": model,
-        "data.img_size": img_size,
-        "model.patch_size": patch_size,
-        "model.weights": weights,
-        "model.init_from": init_from,
-        "data.path": data,
-        "schedule.epochs": epochs,
-        "schedule.max_steps": max_steps,
-        "data.batch_size": batch_size,
-        "optim.lr": lr,
-        "train.seed": seed,
-        "train.mixed_precision": mixed_precision,
-        "train.grad_accum": grad_accum,
-        "train.ema": ema,
-        "data.workers": workers,
-        "mix.save_mixed": save_mixed,
-        "data.skip_corrupt": skip_corrupt,
-        "out.dir": out,
-    }
-    flags = {k: _value(v) for k, v in flags.items() if v is not None}
-    from evcli.engine.run import prepare_resume, run_training
-    from evcli.recipe import resolve_recipe
-
-    if resume is not None:
-        if recipe is not None:
-            raise typer.BadParameter("--resume uses the run's own recipe; drop --recipe", param_hint="--recipe")
-        rec, ckpt = prepare_resume("mix", resume, flags, sets or [], force)
-    else:
-        rec, ckpt = resolve_recipe("mix", recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
-    report = run_training(rec, resume_checkpoint=ckpt)
+    flags = recipe_flags(
+        **{
+            "mix.method": method,
+            "model.name": model,
+            "data.img_size": img_size,
+            "model.patch_size": patch_size,
+            "model.weights": weights,
+            "model.init_from": init_from,
+            "data.path": data,
+            "schedule.epochs": epochs,
+            "schedule.max_steps": max_steps,
+            "data.batch_size": batch_size,
+            "optim.lr": lr,
+            "train.seed": seed,
+            "train.mixed_precision": mixed_precision,
+            "train.grad_accum": grad_accum,
+            "train.ema": ema,
+            "data.workers": workers,
+            "mix.save_mixed": save_mixed,
+            "data.skip_corrupt": skip_corrupt,
+            "out.dir": out,
+        }
+    )
+    report = train_or_resume("mix", recipe, resume, force, flags, sets)
     _print_report(report, json_out)
 
 
@@ -211,8 +207,9 @@ def evaluate(
     setup_output(quiet)
     from evcli.engine.run import evaluation_recipe, run_evaluation
 
-    flags = {"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
-    flags = {k: _value(v) for k, v in flags.items() if v is not None}
+    flags = recipe_flags(
+        **{"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
+    )
     rec = evaluation_recipe("mix", weights, find_recipe(recipe), flags, sets or [])
     report = run_evaluation(rec, weights)
     m = report["metrics"]

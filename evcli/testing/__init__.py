@@ -91,3 +91,32 @@ def run_cli(args: list[str]) -> CliResult:
     finally:
         sys.argv = argv
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def launch_two_processes(args: list[str], timeout: int = 300):  # noqa: ANN201 - subprocess.CompletedProcess
+    """Run ``evcli ARGS`` in 2 CPU processes (DDP over gloo) through the real ``accelerate launch``."""
+    import os
+    import shutil
+    import subprocess
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if accelerate is None:
+        raise RuntimeError("the accelerate launcher is not installed next to this python")
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "evcli",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
