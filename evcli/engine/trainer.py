@@ -82,12 +82,6 @@ class TrainContext:
         """Steps of a duration (``"10%"``, ``"5ep"``, ``"200step"``) in this run."""
         return resolve_duration(duration, self.steps_per_epoch, self.total_steps)
 
-    def generator(self, tag: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded by (seed, step, micro-batch, rank, tag): reproducible and resumable."""
-        g = torch.Generator(device=device)
-        g.manual_seed(mix_seed(self.recipe.train.seed, self.step, self.micro_step, self.rank, tag))
-        return g
-
 
 def _reseed_globals(seed: int) -> None:
     # torch.manual_seed would also (lazily) seed every accelerator backend, at ~0.2 ms a call on CPU;
