@@ -9,11 +9,13 @@ the token head, the extra losses, backward and the optimizer step).
 
 Part ``accuracy``: ``evcli mix --recipe mix/quickstart --method M --seed S --epochs E`` for
 M in none/mixup/cutmix/smmix and 3 seeds, each in its own process; mean and spread of the final top-1.
+Part ``ablation``: the same for SMMix without its consistency term, and without both extra terms.
 
 Usage::
 
     python bench/smmix.py --part cost
     python bench/smmix.py --part accuracy --epochs 8
+    python bench/smmix.py --part ablation --epochs 8 --seeds 1
 """
 
 from __future__ import annotations
@@ -169,31 +171,25 @@ def part_cost(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def part_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+ABLATIONS = {
+    "smmix": [],
+    "smmix_no_consistency": ["--set", "mix.consistency_weight=0"],
+    "smmix_no_fine_no_consistency": ["--set", "mix.consistency_weight=0", "--set", "mix.fine_weight=0"],
+}
+
+
+def part_accuracy(
+    args: argparse.Namespace, methods: tuple[str, ...] = ("none", "mixup", "cutmix", "smmix")
+) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
-            for method in ("none", "mixup", "cutmix", "smmix"):
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "evcli",
-                    "mix",
-                    "--recipe",
-                    "mix/quickstart",
-                    "--method",
-                    method,
-                    "--seed",
-                    str(seed),
-                    "--epochs",
-                    str(args.epochs),
-                    "-o",
-                    f"{tmp}/{method}-{seed}",
-                    "--json",
-                    "-q",
-                ]
+            for method in methods:
+                variant = ["--method", "smmix", *ABLATIONS[method]] if method in ABLATIONS else ["--method", method]
+                cmd = [sys.executable, "-m", "evcli", "mix", "--recipe", "mix/quickstart", *variant]
+                cmd += ["--seed", str(seed), "--epochs", str(args.epochs), "-o", f"{tmp}/{method}-{seed}", "--json"]
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run([*cmd, "-q"], capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(proc.stderr)
                 report = json.loads(proc.stdout)
@@ -209,11 +205,11 @@ def part_accuracy(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 print(f"  {method:7s} seed {seed}: top-1 {runs[-1]['top1']:.2f}", file=sys.stderr)
     summary = {}
-    for method in ("none", "mixup", "cutmix", "smmix"):
+    for method in methods:
         top1 = [r["top1"] for r in runs if r["method"] == method]
         summary[method] = {
             "top1_mean": statistics.fmean(top1),
-            "top1_std": statistics.stdev(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
             "top1_min": min(top1),
             "top1_max": max(top1),
             "n": len(top1),
@@ -230,7 +226,7 @@ def part_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cost", "accuracy"], required=True)
+    parser.add_argument("--part", choices=["cost", "accuracy", "ablation"], required=True)
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=4)
@@ -242,7 +238,12 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     started = time.perf_counter()
-    result = part_cost(args) if args.part == "cost" else part_accuracy(args)
+    if args.part == "cost":
+        result = part_cost(args)
+    elif args.part == "accuracy":
+        result = part_accuracy(args)
+    else:  # which SMMix term makes the difference, same recipe and seeds
+        result = part_accuracy(args, tuple(ABLATIONS))
     result = {
         "benchmark": f"smmix_{args.part}",
         "command": command_line(),
