@@ -115,3 +115,16 @@ def test_mismatch_names_the_keys():
     report = load_model_weights(big, small.state_dict(), "small", strict=False)
     assert report["missing"] == ["1.weight", "1.bias"]
     assert torch.equal(big[0].weight, small[0].weight)
+
+
+@pytest.mark.parametrize("header_len", [0x80, 0x4B50 + 0x10000])  # low bytes read like a pickle / a zip
+def test_safetensors_whose_header_length_looks_like_a_pickle_or_zip(tmp_path: Path, header_len: int):
+    import json as _json
+    import struct
+
+    header = _json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (header_len - len(header))  # safetensors allows padding the header with spaces
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", header_len) + header + struct.pack("<f", 1.5))
+    tensors, _ = read_safetensors(path)
+    assert tensors["w"].item() == 1.5

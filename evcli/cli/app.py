@@ -12,6 +12,7 @@ import sys
 import typer
 
 from evcli import __version__
+from evcli.cli import deshadow as deshadow_cmd
 from evcli.cli import env as env_cmd
 from evcli.cli import mix as mix_cmd
 from evcli.cli import recipe_cmd
@@ -43,6 +44,7 @@ def root(
 
 # One line per method subcommand, added when the subcommand works.
 app.add_typer(mix_cmd.app, name="mix")
+app.add_typer(deshadow_cmd.app, name="deshadow")
 
 app.add_typer(recipe_cmd.app, name="recipe")
 env_cmd.register(app)

@@ -58,8 +58,8 @@ ResumeOption = flag("--resume", help="Continue the run in this folder exactly wh
 ForceOption = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule.")
 
 
-def recipe_flags(**typed: Any) -> dict[str, Any]:
-    """Recipe keys of the flags the user typed: ``recipe_flags(**{"optim.lr": lr, ...})`` minus the Nones,
+def recipe_flags(typed: dict[str, Any]) -> dict[str, Any]:
+    """Recipe keys of the flags the user typed: ``recipe_flags({"optim.lr": lr, ...})`` minus the Nones,
     with enums and paths turned into plain values."""
     plain = {}
     for key, value in typed.items():
@@ -82,7 +82,7 @@ def train_or_resume(
         rec, ckpt = prepare_resume(command, Path(resume), flags, sets or [], force)
     else:
         rec, ckpt = resolve_recipe(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
-    return run_training(rec, resume_checkpoint=ckpt)
+    return rec, run_training(rec, resume_checkpoint=ckpt)
 
 
 def shipped_recipes_root() -> Path:

@@ -133,7 +133,7 @@ def train(
         return
     setup_output(quiet)
     flags = recipe_flags(
-        **{
+        {
             "mix.method": method,
             "model.name": model,
             "data.img_size": img_size,
@@ -155,7 +155,7 @@ def train(
             "out.dir": out,
         }
     )
-    report = train_or_resume("mix", recipe, resume, force, flags, sets)
+    _, report = train_or_resume("mix", recipe, resume, force, flags, sets)
     _print_report(report, json_out)
 
 
@@ -208,7 +208,7 @@ def evaluate(
     from evcli.engine.run import evaluation_recipe, run_evaluation
 
     flags = recipe_flags(
-        **{"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
+        {"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
     )
     rec = evaluation_recipe("mix", weights, find_recipe(recipe), flags, sets or [])
     report = run_evaluation(rec, weights)

@@ -188,8 +188,9 @@ def check_safetensors_file(path: str | Path, what: str = "weights file") -> Path
     size = p.stat().st_size
     with open(p, "rb") as fh:
         head = fh.read(9)
-    # A safetensors header starts with its length; a length ending in byte 0x80 is fine when "{" follows.
-    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):
+    # A safetensors file starts with its header length (8 bytes, little-endian) and then "{": a length whose
+    # low bytes happen to read 0x80 or "PK\x03\x04" is still safetensors when "{" follows.
+    if head[8:9] != b"{" and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"):
         raise CheckpointError(
             f"{p} looks like a pickle/zip PyTorch file, not safetensors; evcli never unpickles a file",
             hint=convert_hint,

@@ -1,0 +1,400 @@
+"""`evcli deshadow`: remove shadows from images (LAB-Net, SADC, baselines); train and evaluate the methods.
+
+``evcli deshadow IMAGE`` and ``evcli deshadow DIR/`` run the default subcommand ``remove``; ``train``,
+``eval`` and ``export`` are subcommands. A Typer group cannot take a positional argument in its callback
+(it would swallow subcommand names), so the group routes any first word that is not a subcommand name
+to ``remove`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from evcli.cli.common import (
+    BatchSizeOption,
+    EpochsOption,
+    ForceOption,
+    JsonOption,
+    LrOption,
+    MaxStepsOption,
+    QuietOption,
+    RecipeOption,
+    ResumeOption,
+    SeedOption,
+    SetOption,
+    WeightsOption,
+    WorkersOption,
+    find_recipe,
+    print_result,
+    recipe_flags,
+    setup_output,
+    train_or_resume,
+)
+from evcli.errors import DataError, UsageError
+
+HELP = """Remove shadows with LAB-Net or SADC (mask-guided); train, evaluate, compare with baselines.
+
+Methods: LAB-Net (arXiv 2208.13039) and SADC (arXiv 2205.04908); baselines: identity, colour transfer.
+
+Both methods are mask-guided: give a shadow mask with --mask, or evcli estimates one with a classical
+detector (Otsu threshold on CIE L + 0.5 b, cleaned by morphology) and writes it beside the output so you
+can check and correct it.
+
+Default weights ship inside the package for LAB-Net, trained on the built-in data: real photos shipped in
+scikit-image (astronaut, chelsea, rocket, camera, coins, brick, grass, gravel) and scikit-learn
+(flower.jpg) with rendered shadows (random occluder shapes, soft penumbra, bluish darkening, warm penumbra
+tint). They are a demo of the pipeline, not a match for weights trained on ISTD/SRD (use --weights).
+
+Examples:
+
+  evcli deshadow image.png --method labnet
+
+  evcli deshadow photos/ -o clean/ --mask masks/
+
+  evcli deshadow image.png --method colour-transfer --mask mask.png
+
+  evcli deshadow train --recipe deshadow/tiny
+
+  evcli deshadow train --method labnet --data ~/data/ISTD --epochs 300 --vgg-weights vgg16.safetensors
+
+  evcli deshadow eval runs/deshadow/<run> --data ~/data/ISTD --resize 256x256
+
+  evcli deshadow eval --method identity --json
+"""
+
+
+class _DefaultToRemove(TyperGroup):
+    """Routes ``evcli deshadow IMAGE ...`` (any first word that is not a subcommand) to ``remove``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["remove", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(help=HELP, cls=_DefaultToRemove, no_args_is_help=True)
+
+
+def _check_choice(value: str | None, choices: tuple[str, ...], flag: str) -> str | None:
+    if value is None:
+        return None
+    if value not in choices:
+        from evcli.recipe import did_you_mean
+
+        raise UsageError(f"unknown {flag} '{value}'{did_you_mean(value, choices)} (choices: {', '.join(choices)})")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# remove (the default)
+
+
+@app.command("remove")
+def remove(
+    source: Path = typer.Argument(..., help="An image file or a folder of images.", show_default=False),
+    method: str = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="labnet, sadc, identity or colour-transfer (default: the weights' method, else labnet).",
+        show_default=False,
+    ),
+    output: Path = typer.Option(
+        None,
+        "--output",
+        "-o",
+        help="Output file (one image) or folder (default: IMAGE_deshadow.png / DIR_deshadow/).",
+        show_default=False,
+    ),
+    mask: Path = typer.Option(
+        None,
+        "--mask",
+        help="Shadow mask image (or, for a folder, a folder of masks named like the images).",
+        show_default=False,
+    ),
+    weights: Path = typer.Option(
+        None, "--weights", "-w", help="Weights (.safetensors) or a run folder (default: shipped).", show_default=False
+    ),
+    vgg_weights: Path = typer.Option(
+        None, "--vgg-weights", help="ImageNet VGG16 .safetensors (SADC's backbone).", show_default=False
+    ),
+    tile: int = typer.Option(1024, "--tile", help="Largest side processed at once; larger images are tiled."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Also write a before | mask | after PNG."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Remove shadows from an image or a folder of images (the default: `evcli deshadow IMAGE`)."""
+    setup_output(quiet)
+    if tile < 128:
+        raise UsageError(f"--tile must be >= 128, got {tile}")
+    if not source.exists():
+        raise DataError(f"image not found: {source}")
+    from evcli.methods.deshadow.infer import list_images, load_remover
+
+    images = list_images(source) if source.is_dir() else [source]
+    if mask is not None and not mask.exists():
+        raise DataError(f"mask not found: {mask}")
+    if method is not None:
+        from evcli.methods.deshadow.infer import normalise_method
+
+        normalise_method(method)  # an unknown --method is reported before anything is loaded
+    remover = load_remover(method, weights, str(vgg_weights) if vgg_weights else None)
+    if source.is_dir():
+        out_dir = output or source.parent / f"{source.name}_deshadow"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--output must be a folder when the input is a folder: {out_dir}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if mask is not None and not mask.is_dir():
+            raise DataError(f"--mask must be a folder of masks when the input is a folder: {mask}")
+        jobs = []
+        for img in images:
+            m = None
+            if mask is not None:
+                found = [p for p in sorted(mask.iterdir()) if p.stem == img.stem and p.is_file()]
+                m = found[0] if found else None
+                if m is None:
+                    from evcli.console import warn
+
+                    warn(f"no mask named {img.stem}.* in {mask}: estimating one")
+            jobs.append((img, m, out_dir / f"{img.stem}.png"))
+    else:
+        out = output or source.with_name(f"{source.stem}_deshadow.png")
+        if out.is_dir():
+            out = out / f"{source.stem}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        jobs = [(source, mask, out)]
+    results = [_remove_one(remover, img, m, out, tile, compare) for img, m, out in jobs]
+    report = {"method": remover.method, "weights": remover.weights, "images": results}
+    rows = [("method", remover.method), ("weights", remover.weights), ("images", str(len(results)))]
+    rows += [(r["input"], f"-> {r['output']} (mask: {r['mask_source']})") for r in results[:20]]
+    print_result(report, json_out, "evcli deshadow", rows)
+
+
+def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: int, compare: bool) -> dict[str, Any]:
+    from evcli.console import log
+    from evcli.methods.deshadow.baselines import estimate_shadow_mask
+    from evcli.methods.deshadow.infer import comparison, read_image, read_user_mask, remove_shadow, save_png
+
+    rgb = read_image(image)
+    entry: dict[str, Any] = {"input": str(image), "output": str(out), "size": [rgb.shape[2], rgb.shape[1]]}
+    if mask is not None:
+        m = read_user_mask(mask, tuple(rgb.shape[-2:]), remover.mask_threshold)
+        entry["mask_source"] = str(mask)
+    else:
+        m = estimate_shadow_mask(rgb)
+        mask_out = out.with_name(f"{out.stem}_mask.png")
+        save_png(m, mask_out)
+        entry["mask_source"] = f"estimated, written to {mask_out}"
+        entry["mask"] = str(mask_out)
+    entry["shadow_fraction"] = round(float(m.mean()), 4)
+    result = remove_shadow(remover, rgb, m, tile)
+    save_png(result, out)
+    if compare:
+        cmp_out = out.with_name(f"{out.stem}_compare.png")
+        save_png(comparison(rgb, m, result), cmp_out)
+        entry["compare"] = str(cmp_out)
+    log(f"{image} -> {out} (shadow {100 * entry['shadow_fraction']:.1f}% of the image)")
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command("train")
+def train(
+    recipe: str = RecipeOption,
+    method: str = typer.Option(None, "--method", "-m", help="labnet or sadc (default: labnet).", show_default=False),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="ISTD (train_A/B/C, test_A/B/C) or SRD (train|test/shadow, shadow_free) root (default: built-in).",
+        show_default=False,
+    ),
+    layout: str = typer.Option(None, "--layout", help="auto, istd or srd.", show_default=False),
+    mask_dir: Path = typer.Option(None, "--mask-dir", help="SRD masks folder.", show_default=False),
+    img_size: int = typer.Option(None, "--img-size", help="Training crop (papers: 256 ISTD).", show_default=False),
+    vgg: str = typer.Option(
+        None, "--vgg", help="VGG16 weights: pretrained (ImageNet) or random (SADC release).", show_default=False
+    ),
+    vgg_weights: Path = typer.Option(
+        None, "--vgg-weights", help="ImageNet VGG16 weights (.safetensors).", show_default=False
+    ),
+    perceptual: bool = typer.Option(
+        None, "--perceptual/--no-perceptual", help="The VGG16 perceptual loss term.", show_default=False
+    ),
+    eca_laplacian: str = typer.Option(
+        None, "--eca-laplacian", help="LAB-Net ECA kernel: fixed (paper) or trainable (release).", show_default=False
+    ),
+    weights: Path = WeightsOption,
+    epochs: int = EpochsOption,
+    max_steps: int = MaxStepsOption,
+    batch_size: int = BatchSizeOption,
+    lr: float = LrOption,
+    seed: int = SeedOption,
+    workers: int = WorkersOption,
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder.", show_default=False),
+    resume: Path = ResumeOption,
+    force: bool = ForceOption,
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Train LAB-Net or SADC (built-in rendered shadows without --data; ISTD/SRD layouts with it)."""
+    setup_output(quiet)
+    flags = recipe_flags(
+        {
+            "deshadow.method": _check_choice(method, ("labnet", "sadc"), "--method"),
+            "data.path": data,
+            "deshadow.layout": _check_choice(layout, ("auto", "istd", "srd"), "--layout"),
+            "deshadow.mask_dir": mask_dir,
+            "data.img_size": img_size,
+            "deshadow.vgg": _check_choice(vgg, ("pretrained", "random"), "--vgg"),
+            "deshadow.vgg_weights": vgg_weights,
+            "deshadow.perceptual": perceptual,
+            "deshadow.eca_laplacian": _check_choice(eca_laplacian, ("fixed", "trainable"), "--eca-laplacian"),
+            "model.weights": weights,
+            "schedule.epochs": epochs,
+            "schedule.max_steps": max_steps,
+            "data.batch_size": batch_size,
+            "optim.lr": lr,
+            "train.seed": seed,
+            "data.workers": workers,
+            "out.dir": out,
+        }
+    )
+    rec, report = train_or_resume("deshadow", recipe, resume, force, flags, sets)
+    if not report:
+        return
+    report["vgg"] = vgg_description(rec.method)
+    report["eval_resize"] = rec.method.eval_resize
+    from evcli.io.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(report["run_dir"]) / "report.json", json.dumps(report, indent=2) + "\n")
+    rows = [
+        ("method", f"{report['method']} ({report['parameters'] / 1e6:.3f}M params)"),
+        ("steps", f"{report['steps']} ({report['epochs']:.2f} epochs, {report['device']})"),
+        ("vgg", report["vgg"]),
+        *_metric_rows(report["metrics"], rec.method.eval_resize),
+        ("weights", report["files"]["weights"]),
+        ("report", str(Path(report["run_dir"]) / "report.json")),
+    ]
+    print_result(report, json_out, "evcli deshadow train", rows)
+
+
+def vgg_description(cfg: Any) -> str:
+    """Which VGG16 a run used (the report states it)."""
+    if cfg.method == "labnet" and not cfg.perceptual:
+        return "none (perceptual term off)"
+    if cfg.vgg == "random":
+        return "random VGG16 (fixed seed)"
+    return f"ImageNet VGG16 from {cfg.vgg_weights}" if cfg.vgg_weights else "ImageNet VGG16 from torchvision's cache"
+
+
+def _metric_rows(m: dict[str, float], resize: str) -> list[tuple[str, str]]:
+    return [
+        ("LAB MAE S / NS / All", f"{m['lab_mae_s']:.2f} / {m['lab_mae_ns']:.2f} / {m['lab_mae_all']:.2f}"),
+        ("PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.4f}"),
+        ("resize policy", resize),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# eval and export
+
+
+@app.command("eval")
+def evaluate(
+    weights: Path = typer.Argument(
+        None, help="Weights (.safetensors) or run folder (default: shipped / none for baselines).", show_default=False
+    ),
+    method: str = typer.Option(
+        None, "--method", "-m", help="labnet, sadc, identity or colour-transfer.", show_default=False
+    ),
+    recipe: str = RecipeOption,
+    data: Path = typer.Option(
+        None, "--data", "-d", help="ISTD/SRD root (default: from the run, else built-in).", show_default=False
+    ),
+    layout: str = typer.Option(None, "--layout", help="auto, istd or srd.", show_default=False),
+    mask_dir: Path = typer.Option(None, "--mask-dir", help="SRD masks folder.", show_default=False),
+    resize: str = typer.Option(
+        None, "--resize", help="Evaluation protocol: 256x256 (resize all) or full.", show_default=False
+    ),
+    vgg_weights: Path = typer.Option(
+        None, "--vgg-weights", help="ImageNet VGG16 .safetensors (SADC's backbone).", show_default=False
+    ),
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """LAB mean absolute error (the papers' "RMSE") on shadow / non-shadow / all pixels, PSNR and SSIM."""
+    setup_output(quiet)
+    from evcli.methods.deshadow.infer import BASELINES, normalise_method, shipped_weights
+
+    name = normalise_method(method) if method else None
+    flags = recipe_flags(
+        {
+            "data.path": data,
+            "deshadow.layout": _check_choice(layout, ("auto", "istd", "srd"), "--layout"),
+            "deshadow.mask_dir": mask_dir,
+            "deshadow.eval_resize": _check_choice(resize, ("256x256", "full"), "--resize"),
+            "deshadow.vgg_weights": vgg_weights,
+        }
+    )
+    if vgg_weights is not None:
+        flags["deshadow.vgg"] = "pretrained"
+    from evcli.engine.run import evaluation_recipe, run_evaluation
+
+    if name in BASELINES:
+        if weights is not None:
+            raise UsageError(f"--method {method} is a baseline and takes no weights")
+        from evcli.methods.deshadow.method import evaluate_baseline
+        from evcli.recipe import resolve_recipe
+
+        rec = resolve_recipe("deshadow", recipe_file=find_recipe(recipe), flags=flags, sets=sets or [])
+        report = evaluate_baseline(rec, name)
+    else:
+        if weights is None:
+            weights = shipped_weights(name or "labnet")
+            if weights is None:
+                raise UsageError(f"no default weights ship for --method {name}; give WEIGHTS")
+        if name is not None:
+            flags["deshadow.method"] = name
+        rec = evaluation_recipe("deshadow", weights, find_recipe(recipe), flags, sets or [])
+        report = run_evaluation(rec, weights)
+        report["method"] = rec.method.method
+    report["eval_resize"] = rec.method.eval_resize
+    rows = [
+        ("method", report.get("method", "")),
+        ("weights", report["weights"]),
+        ("data", report["data"]),
+        *_metric_rows(report["metrics"], rec.method.eval_resize),
+    ]
+    print_result(report, json_out, "evcli deshadow eval", rows)
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
+    output: Path = typer.Option(None, "--output", "-o", help="Output .safetensors file.", show_default=False),
+    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Export a run's checkpoint as plain weights for `evcli deshadow IMAGE --weights`."""
+    setup_output(quiet)
+    from evcli.engine.run import run_export
+
+    report = run_export("deshadow", run, which, output)
+    print_result(
+        report,
+        json_out,
+        "evcli deshadow export",
+        [("from", report["checkpoint"]), ("step", str(report["step"])), ("weights", report["weights"])],
+    )

@@ -1,0 +1,103 @@
+"""Recipe schema of ``evcli deshadow`` (the ``deshadow:`` section). Torch-free: loaded by --help and recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from evcli.errors import RecipeError
+from evcli.recipe import Duration
+from evcli.registry import register_command
+
+METHODS = ("labnet", "sadc")
+
+
+@register_command(
+    "deshadow",
+    implementation="evcli.methods.deshadow.method:DeshadowMethod",
+    help="Mask-guided shadow removal: LAB-Net (LAB, dual stream, ECA, LSA) or SADC (shadow-aware dynamic conv).",
+    defaults={
+        "model.name": "labnet",
+        "optim.name": "adam",
+        "optim.lr": 2e-4,
+        "optim.betas": [0.9, 0.999],
+        "optim.weight_decay": 0.0,
+        "schedule.epochs": 300,
+        "schedule.sched": "constant",  # the linear decay of the papers is deshadow.lr_decay_start
+        "data.img_size": 256,
+        "data.batch_size": 2,
+        "data.eval_batch_size": 1,
+        "train.best_metric": "lab_mae_all",
+        "train.best_mode": "min",
+        "train.eval_every": "10ep",
+    },
+)
+@dataclass
+class DeshadowConfig:
+    """Network, losses, data layout and evaluation protocol of a shadow-removal run."""
+
+    method: Literal["labnet", "sadc"] = "labnet"  # model.name mirrors it
+    # --- data
+    layout: Literal["auto", "istd", "srd"] = "auto"  # layout of data.path (auto: train_A/ -> istd, else srd)
+    mask_dir: str | None = None  # SRD masks: DIR/{train,test}/ or DIR (default: data.path/{split}/mask)
+    load_size: int = 256  # augmentation: random shorter side in [load_size, max_size) (papers: 256)
+    max_size: int = 480
+    rotate: float = 20.0  # augmentation: random rotation in degrees (+-)
+    test_size: list[int] | None = None  # [w, h] to resize test images to (papers: [640, 480] ISTD); null: native
+    builtin_train_samples: int = 256  # built-in data: rendered crops per epoch (size data.img_size)
+    builtin_val_samples: int = 8  # built-in data: rendered val images (held-out photos)
+    builtin_val_size: int = 128  # built-in data: val image size
+    mask_threshold_train: float | None = None  # null: 0.5 for labnet, 0.9 for sadc (the papers')
+    mask_threshold_test: float = 0.9
+    # --- networks
+    channels: int | None = None  # null: 32 for labnet, 64 for sadc (the papers' sizes)
+    init: Literal["kaiming", "identity"] = "kaiming"  # kaiming (papers); identity: LAB-Net starts as the identity map
+    eca_laplacian: Literal["fixed", "trainable"] = "fixed"  # LAB-Net ECA kernel: paper (fixed) or release
+    lsa_size: int = 256  # LAB-Net LSA working size (down_w = down_h: 256 ISTD, 128 SRD)
+    ring_kernel: int = 11  # LAB-Net: dilation square defining the non-shadow ring
+    sadc_morph: int = 7  # SADC: erosion/dilation square of the boundary rings
+    sadc_sparse: bool = True  # SADC inference evaluates the heavy path only at shadow pixels
+    # --- losses and schedule
+    perceptual: bool = True  # the VGG16 perceptual term (both methods)
+    vgg: Literal["pretrained", "random"] = "pretrained"  # VGG16 weights: ImageNet (papers) or random (SADC release)
+    vgg_weights: str | None = None  # ImageNet VGG16 as .safetensors (else torchvision's local cache)
+    labnet_loss: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])  # [perceptual, gradient, mse]
+    sadc_loss_scale: float = 100.0  # SADC: L = scale * (perceptual + gradient + c(e) * KD)
+    kd_start: Duration = Duration("50ep")  # SADC: c(e) = 0 before, then 1 - cos(pi/2 (e - start)/(E - start))
+    lr_decay_start: Duration = Duration("50ep")  # lr constant until here, then linear to 0 (papers: 50 + 250)
+    eval_resize: Literal["256x256", "full"] = "256x256"  # evaluation protocol: resize to 256x256, or native
+
+    def resolved_channels(self) -> int:
+        return self.channels or (32 if self.method == "labnet" else 64)
+
+    def train_threshold(self) -> float:
+        if self.mask_threshold_train is not None:
+            return self.mask_threshold_train
+        return 0.5 if self.method == "labnet" else 0.9
+
+    def validate(self, recipe: Any) -> None:
+        """Cross-key checks of the deshadow section (and model.name = method)."""
+        if recipe.model.name in METHODS or recipe.model.name == "deit_tiny_patch16_224":
+            recipe.model.name = self.method
+        elif recipe.model.name != self.method:
+            raise RecipeError(f"model.name {recipe.model.name!r} must be one of {', '.join(METHODS)}")
+        recipe.model.name = self.method
+        if len(self.labnet_loss) != 3 or any(w < 0 for w in self.labnet_loss):
+            raise RecipeError("recipe key 'deshadow.labnet_loss' must be three weights >= 0 [perceptual, grad, mse]")
+        if self.init == "identity" and self.method != "labnet":
+            raise RecipeError("deshadow.init=identity exists for labnet only (SADC has no global residual)")
+        c = self.resolved_channels()
+        if c < 8 or c % 8:
+            raise RecipeError(f"recipe key 'deshadow.channels' must be a multiple of 8 (>= 8), got {c}")
+        if self.test_size is not None and (len(self.test_size) != 2 or min(self.test_size) < 1):
+            raise RecipeError("recipe key 'deshadow.test_size' must be [width, height]")
+        for key in ("mask_threshold_test", "mask_threshold_train"):
+            v = getattr(self, key)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise RecipeError(f"recipe key 'deshadow.{key}' must be in [0, 1)")
+        if self.lsa_size < 4 or self.builtin_val_size < 8 or recipe.data.img_size < 8:
+            raise RecipeError("deshadow.lsa_size must be >= 4 and image sizes >= 8")
+        if self.builtin_train_samples < 1 or self.builtin_val_samples < 1:
+            raise RecipeError("deshadow.builtin_train_samples and builtin_val_samples must be >= 1")
+        if self.ring_kernel % 2 == 0 or self.sadc_morph % 2 == 0:
+            raise RecipeError("deshadow.ring_kernel and deshadow.sadc_morph must be odd")

@@ -1,0 +1,178 @@
+"""LAB-Net (arXiv 2208.13039): a lightweight mask-guided shadow-removal network working in LAB.
+
+Input: the image in OpenCV's 8-bit LAB container scaled to [0, 1] (see ``evcli.metrics.image.rgb_to_lab8``)
+and a binary shadow mask. Two cross-fused streams of Basic Blocks (parallel dilated convs of widths
+C/2, C, 3C/2), Enhanced Channel Attention (per-channel standard deviation of a Laplacian response),
+Local Spatial Attention letting shadow pixels attend to the non-shadow ring around them, and a global
+residual. ``channels=32`` is the paper's size (0.93 M parameters).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evcli.methods.deshadow.layers import ConvLayer, dilate
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])  # 4-neighbour Laplacian
+
+
+class EnhancedChannelAttention(nn.Module):
+    """ECA: depthwise 3x3 Laplacian (no padding) -> per-channel std over H, W -> Linear(c, c/8) + LeakyReLU
+    -> Linear(c/8, c) + sigmoid -> rescale the input.
+
+    Args:
+        channels: input channels.
+        laplacian: ``"fixed"`` (the paper: a constant 4-neighbour Laplacian, a buffer) or ``"trainable"``
+            (the released code: the depthwise kernel is Kaiming-initialised and trained).
+    """
+
+    def __init__(self, channels: int, laplacian: str = "fixed", reduction: int = 8) -> None:
+        super().__init__()
+        self.channels = channels
+        self.laplacian = laplacian
+        if laplacian == "fixed":
+            self.register_buffer("kernel", LAPLACIAN.expand(channels, 1, 3, 3).clone(), persistent=False)
+        else:
+            self.kernel = nn.Parameter(torch.empty(channels, 1, 3, 3))
+            nn.init.kaiming_normal_(self.kernel, mode="fan_in")
+        self.fc1 = nn.Linear(channels, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        edges = F.conv2d(x, self.kernel.to(x.dtype), groups=self.channels)
+        stat = edges.flatten(2).std(dim=2)
+        w = torch.sigmoid(self.fc2(F.leaky_relu(self.fc1(stat), 0.2)))
+        return x * w[:, :, None, None]
+
+    def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
+        """Multiply-accumulates of the functional depthwise 3x3 (for ``cost.count_macs``)."""
+        n, c, h, w = args[0].shape
+        return n * c * max(h - 2, 0) * max(w - 2, 0) * 9
+
+
+class LocalSpatialAttention(nn.Module):
+    """LSA: at a fixed working size, shadow pixels' features are replaced by attention over the features
+    of the non-shadow ring around the shadow (queries q at shadow pixels, keys = values = k at ring
+    pixels); the result is upsampled, concatenated with the input and fused by a 1x1 conv.
+
+    Args:
+        channels: feature channels C (q and k have 3C/2).
+        size: working size (the papers' down_w = down_h: 256 for ISTD, 128 for SRD).
+        chunk: queries per attention chunk (bounds memory; exact, softmax is per query).
+    """
+
+    def __init__(self, channels: int, size: int = 256, chunk: int = 4096) -> None:
+        super().__init__()
+        self.dim = channels * 3 // 2
+        self.q = ConvLayer(channels, self.dim, 3)
+        self.k = ConvLayer(channels, self.dim, 3)
+        self.fuse = ConvLayer(channels + self.dim, channels, 1)
+        self.size, self.chunk = size, chunk
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=(self.size, self.size), mode="nearest")
+        m = F.interpolate(mask, size=(self.size, self.size), mode="nearest")[:, 0] > 0.5
+        r = F.interpolate(ring, size=(self.size, self.size), mode="nearest")[:, 0] > 0.5
+        q, k = self.q(small), self.k(small)
+        scale = self.dim**-0.5
+        rows = []
+        for i in range(x.shape[0]):
+            ki = k[i].flatten(1)  # [D, P]
+            out = ki.clone()
+            s_idx = m[i].flatten().nonzero().squeeze(1)
+            r_idx = r[i].flatten().nonzero().squeeze(1)
+            if s_idx.numel() > 0:
+                if r_idx.numel() == 0:
+                    out[:, s_idx] = 0.0  # no ring to borrow from: the release zeroes shadow features
+                else:
+                    keys = ki[:, r_idx]  # [D, R], also the values
+                    queries = q[i].flatten(1)[:, s_idx]  # [D, S]
+                    parts = []
+                    for j in range(0, s_idx.numel(), self.chunk):
+                        att = torch.softmax((queries[:, j : j + self.chunk].t() @ keys) * scale, dim=-1)  # [s, R]
+                        parts.append(keys @ att.t())  # [D, s]
+                    out = out.index_copy(1, s_idx, torch.cat(parts, dim=1))
+            rows.append(out.view(self.dim, self.size, self.size))
+        attended = F.interpolate(torch.stack(rows), size=(h, w), mode="nearest")
+        return self.fuse(torch.cat([x, attended], dim=1))
+
+
+class BasicBlock(nn.Module):
+    """Three groups of parallel dilated 3x3 convs (widths C/2, C, 3C/2; dilations (1,4,16), (2,8,32),
+    (4,16,64)), each fused 3C -> C by a 1x1 conv; ECA over the three group outputs, 1x1 3C -> C and a
+    3x3 conv to ``cout``. No internal residual."""
+
+    DILATIONS = ((1, 4, 16), (2, 8, 32), (4, 16, 64))
+
+    def __init__(self, cin: int, cout: int, channels: int, laplacian: str = "fixed") -> None:
+        super().__init__()
+        c = channels
+        widths = (c // 2, c, c * 3 // 2)
+        self.groups = nn.ModuleList()
+        self.fuses = nn.ModuleList()
+        for g, dils in enumerate(self.DILATIONS):
+            src = cin if g == 0 else c
+            self.groups.append(nn.ModuleList(ConvLayer(src, wd, 3, dilation=d) for wd, d in zip(widths, dils)))
+            self.fuses.append(ConvLayer(sum(widths), c, 1))
+        self.eca = EnhancedChannelAttention(3 * c, laplacian)
+        self.squeeze = ConvLayer(3 * c, c, 1)
+        self.out = ConvLayer(c, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for branches, fuse in zip(self.groups, self.fuses):
+            x = fuse(torch.cat([b(x) for b in branches], dim=1))
+            feats.append(x)
+        return self.out(self.squeeze(self.eca(torch.cat(feats, dim=1))))
+
+
+class LABNet(nn.Module):
+    """The network: convst, three cross-fused stages of two Basic Blocks (an L stream and an AB stream),
+    LSA after the fusions of stages 2 and 3, final blocks to 1 (L) and 2 (AB) channels, global residual
+    and a last 3x3 ConvLayer.
+
+    Args:
+        channels: C (32 in the paper).
+        laplacian: ECA kernel, ``"fixed"`` (paper) or ``"trainable"`` (release).
+        lsa_size: LSA working size (256 ISTD, 128 SRD).
+        ring_kernel: dilation square of the mask that defines the non-shadow ring (11).
+    """
+
+    def __init__(self, channels: int = 32, laplacian: str = "fixed", lsa_size: int = 256, ring_kernel: int = 11):
+        super().__init__()
+        c = channels
+        self.ring_kernel = ring_kernel
+        self.convst = ConvLayer(3, 3, 3)
+        self.block1 = BasicBlock(4, c, c, laplacian)
+        self.block2 = BasicBlock(4, c, c, laplacian)
+        self.fuse1_l, self.fuse1_ab = ConvLayer(2 * c, c, 1), ConvLayer(2 * c, c, 1)
+        self.block3 = BasicBlock(c, c, c, laplacian)
+        self.block4 = BasicBlock(c, c, c, laplacian)
+        self.fuse2_l, self.fuse2_ab = ConvLayer(2 * c, c, 1), ConvLayer(2 * c, c, 1)
+        self.lsa2_l, self.lsa2_ab = LocalSpatialAttention(c, lsa_size), LocalSpatialAttention(c, lsa_size)
+        self.block5 = BasicBlock(c, c, c, laplacian)
+        self.block6 = BasicBlock(c, c, c, laplacian)
+        self.fuse3_l, self.fuse3_ab = ConvLayer(2 * c, c, 1), ConvLayer(2 * c, c, 1)
+        self.lsa3_l, self.lsa3_ab = LocalSpatialAttention(c, lsa_size), LocalSpatialAttention(c, lsa_size)
+        self.block_l = BasicBlock(c, 1, c, laplacian)
+        self.block_ab = BasicBlock(c, 2, c, laplacian)
+        self.final = ConvLayer(3, 3, 3)
+
+    def forward(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """LAB in [0, 1] (OpenCV 8-bit container / 255) [N, 3, H, W] and a binary mask [N, 1, H, W]."""
+        ring = dilate(mask, self.ring_kernel) - mask
+        x = torch.cat([self.convst(lab), mask], dim=1)
+        b1, b2 = self.block1(x), self.block2(x)
+        cat = torch.cat([b1, b2], dim=1)
+        lum, ab = self.fuse1_l(cat), self.fuse1_ab(cat)
+        b3, b4 = self.block3(lum), self.block4(ab)
+        cat = torch.cat([b3, b4], dim=1)
+        lum, ab = self.lsa2_l(self.fuse2_l(cat), mask, ring), self.lsa2_ab(self.fuse2_ab(cat), mask, ring)
+        b5, b6 = self.block5(lum), self.block6(ab)
+        cat = torch.cat([b5, b6], dim=1)
+        lum, ab = self.lsa3_l(self.fuse3_l(cat), mask, ring), self.lsa3_ab(self.fuse3_ab(cat), mask, ring)
+        out = torch.cat([self.block_l(lum), self.block_ab(ab)], dim=1)
+        return self.final(out + lab)

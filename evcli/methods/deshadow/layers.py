@@ -1,0 +1,124 @@
+"""Building blocks shared by LAB-Net and SADC: padded convolutions, mask morphology, VGG16 features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evcli.errors import CheckpointError
+
+
+def pad_reflect(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Reflection padding; where the map is too small to reflect ``pad`` pixels (dilations of 16-64 on
+    small images), replicate padding instead, so any image size runs (the papers' crops are >= 256)."""
+    if pad == 0:
+        return x
+    if pad < x.shape[-1] and pad < x.shape[-2]:
+        return F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    return F.pad(x, (pad, pad, pad, pad), mode="replicate")
+
+
+class ConvLayer(nn.Module):
+    """Reflection pad + conv (with bias) + optional LeakyReLU(0.2); no normalisation."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int = 3, dilation: int = 1, groups: int = 1, act: bool = True
+    ) -> None:
+        super().__init__()
+        self.pad = dilation * (kernel - 1) // 2
+        self.conv = nn.Conv2d(cin, cout, kernel, dilation=dilation, groups=groups, bias=True)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(pad_reflect(x, self.pad))
+        return F.leaky_relu(y, 0.2) if self.act else y
+
+
+def dilate(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary dilation of a [N, 1, H, W] 0/1 mask with a size x size square of ones."""
+    return F.max_pool2d(mask, size, stride=1, padding=size // 2)
+
+
+def erode(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary erosion with a size x size square (outside the image counts as mask, like kornia's default)."""
+    return 1.0 - F.max_pool2d(1.0 - mask, size, stride=1, padding=size // 2)
+
+
+def init_kaiming(module: nn.Module) -> None:
+    """Kaiming-normal (fan_in) weights and zero biases for every conv and linear layer (the papers' init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, a=0.0, mode="fan_in")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# VGG16 (torchvision's architecture; weights from a local safetensors file or torchvision's cache)
+
+VGG_CACHE_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1 file name
+
+
+def vgg16_features(source: str, weights_file: str | None) -> tuple[nn.Sequential, str]:
+    """torchvision's VGG16 ``features`` with ImageNet weights (``source="pretrained"``) or random ones.
+
+    Pretrained weights come from ``weights_file`` (.safetensors: a full VGG16 state dict or its
+    ``features.*`` part) or, failing that, from torchvision's own download cache through its API; nothing
+    is downloaded.
+
+    Returns:
+        The frozen module (eval mode) and a sentence saying which weights it holds.
+
+    Raises:
+        CheckpointError: pretrained weights asked for and none available offline.
+    """
+    import torchvision
+    from torchvision.models.vgg import cfgs, make_layers
+
+    def features_only() -> nn.Sequential:
+        # torchvision's VGG16 feature layers and its own conv init, without building the 120 M-parameter
+        # classifier (seconds of init for weights the losses never use)
+        feats = make_layers(cfgs["D"], batch_norm=False)
+        for m in feats.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        return feats
+
+    if source == "random":
+        with torch.random.fork_rng(devices=[]):  # a fixed seed: the "random VGG" of every run is the same
+            torch.manual_seed(0x56_47_47)
+            features = features_only()
+        used = "random VGG16 features (torchvision architecture and init, fixed seed; the SADC release's behaviour)"
+    elif weights_file:
+        from evcli.io.checkpoint import read_safetensors
+
+        features = features_only()
+        tensors, _ = read_safetensors(weights_file, "VGG16 weights file")
+        feats = {k.removeprefix("features."): v for k, v in tensors.items() if not k.startswith("classifier.")}
+        own = features.state_dict()
+        if set(feats) != set(own) or any(tuple(feats[k].shape) != tuple(own[k].shape) for k in own):
+            raise CheckpointError(f"{weights_file} does not hold torchvision VGG16 weights (features.* keys)")
+        features.load_state_dict(feats)
+        used = f"ImageNet VGG16 from {weights_file}"
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / VGG_CACHE_FILE
+        if not cached.is_file():
+            raise CheckpointError(
+                "the perceptual loss / SADC backbone needs ImageNet VGG16 weights and none are available offline "
+                f"(looked for torchvision's cache {cached})",
+                hint="pass --vgg-weights vgg16.safetensors, or set deshadow.vgg=random, or deshadow.perceptual=false",
+            )
+        features = features_only()
+        state = torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)  # its own cache
+        features.load_state_dict(
+            {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        )
+        used = f"ImageNet VGG16 from torchvision's cache {cached}"
+    features = features.eval()
+    for p in features.parameters():
+        p.requires_grad_(False)
+    return features, used

@@ -1,0 +1,54 @@
+"""Losses of LAB-Net and SADC: the VGG16 perceptual loss, the Sobel gradient loss, and SADC's
+intra-convolution distillation (KL between channel distributions of the heavy and light paths)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PERCEPTUAL_SLICES = ((0, 3), (3, 8), (8, 13), (13, 20), (20, 27))
+PERCEPTUAL_DIVISORS = (1.0, 2.6, 4.8, 3.7, 5.6, 0.15)  # raw input level, then the five VGG slices
+
+
+class PerceptualLoss(nn.Module):
+    """Sum over six levels (the input itself and five frozen VGG16 slices) of L1 / divisor, applied to the
+    tensors as given (LAB-Net: LAB in [0, 1]; SADC: RGB in [0, 1]; no ImageNet normalisation)."""
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.slices = nn.ModuleList(features[a:b] for a, b in PERCEPTUAL_SLICES)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.l1_loss(pred, target) / PERCEPTUAL_DIVISORS[0]
+        x, y = pred, target
+        for sl, div in zip(self.slices, PERCEPTUAL_DIVISORS[1:]):
+            x = sl(x)
+            with torch.no_grad():
+                y = sl(y)
+            loss = loss + F.l1_loss(x, y) / div
+        return loss
+
+
+SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def gradient_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 between the depthwise Sobel-x and Sobel-y responses of prediction and target."""
+    c = pred.shape[1]
+    k = torch.stack([SOBEL_X, SOBEL_X.t()]).to(pred)[:, None].repeat(c, 1, 1, 1)  # [2C, 1, 3, 3]
+    gp = F.conv2d(F.pad(pred, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    gt = F.conv2d(F.pad(target, (1, 1, 1, 1), mode="replicate"), k, groups=c)
+    return F.l1_loss(gp, gt)
+
+
+def distillation_kl(stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over layers of KL(softmax(light ring mean).detach() || softmax(heavy boundary mean)) over
+    channels (``kl_div(log_softmax(heavy), softmax(light), reduction="batchmean")``)."""
+    terms = [
+        F.kl_div(F.log_softmax(heavy, dim=1), F.softmax(light.detach(), dim=1), reduction="batchmean")
+        for heavy, light in stats
+    ]
+    return torch.stack(terms).mean()

@@ -1,0 +1,235 @@
+"""SADC (arXiv 2205.04908): shadow-aware dynamic convolution and the DHAN-style network around it.
+
+A :class:`DynConv` runs a heavy two-layer full convolution on shadow pixels and a light depthwise
+convolution on the others, each with a residual. In training both paths are computed densely and
+blended by the mask (and the layer records the channel statistics that the intra-convolution
+distillation compares); at inference the heavy path is evaluated only where it is needed (gathered
+im2col at the shadow pixels and their receptive field), so its cost scales with the shadow area.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evcli.methods.deshadow.layers import ConvLayer, dilate, erode, pad_reflect
+
+VGG_BLOCKS = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # VGG16 features[:-1] in five blocks
+HYPERCOLUMN_CHANNELS = (3, 64, 128, 256, 512, 512)  # 1475 in all
+
+
+def _gather_conv(xpad: torch.Tensor, layer: ConvLayer, ys: torch.Tensor, xs: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``layer``'s convolution (+ activation) evaluated only at pixels (ys, xs) of the unpadded map.
+
+    Args:
+        xpad: one padded feature map [C, H + 2p, W + 2p].
+        layer: the ConvLayer whose weights to use (stride 1, groups 1).
+        ys, xs: pixel coordinates in the unpadded map.
+        chunk: pixels per gathered im2col block (bounds memory).
+
+    Returns:
+        [C_out, N] responses.
+    """
+    conv = layer.conv
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    w = conv.weight.reshape(conv.out_channels, -1)
+    outs = []
+    for j in range(0, ys.numel(), chunk):
+        y, x = ys[j : j + chunk], xs[j : j + chunk]
+        cols = torch.stack([xpad[:, y + ky * d, x + kx * d] for ky in range(k) for kx in range(k)], dim=1)
+        out = torch.addmm(conv.bias[:, None], w, cols.reshape(-1, y.numel()))
+        outs.append(F.leaky_relu(out, 0.2) if layer.act else out)
+    return torch.cat(outs, dim=1) if outs else xpad.new_zeros(conv.out_channels, 0)
+
+
+class DynConv(nn.Module):
+    """Shadow-aware dynamic convolution: ``m * (heavy(x) + x) + (1 - m) * (light(x) + x)`` with heavy =
+    two full k x k ConvLayers and light = one depthwise k x k ConvLayer (dilation ``d``).
+
+    Args:
+        channels: C_in = C_out.
+        kernel, dilation: of all three convolutions.
+        sparse: evaluate the heavy path only where needed at inference (training is always dense).
+    """
+
+    # Above this fraction of the image, gathering costs more than the dense convolution it would save.
+    DENSE_ABOVE = 0.5
+
+    def __init__(self, channels: int, kernel: int = 3, dilation: int = 1, sparse: bool = True, chunk: int = 16384):
+        super().__init__()
+        self.conv_a = ConvLayer(channels, channels, kernel, dilation)
+        self.conv_b = ConvLayer(channels, channels, kernel, dilation)
+        self.light = ConvLayer(channels, channels, kernel, dilation, groups=channels)
+        self.sparse, self.chunk = sparse, chunk
+        self.stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (heavy boundary, light ring) means
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.sparse:
+            return self._sparse(x, m)
+        heavy = self.conv_b(self.conv_a(x))
+        light = self.light(x)
+        if self.training:
+            self.stats = (_region_mean(heavy, inner, m), _region_mean(light, outer, m))
+        return x + m * heavy + (1.0 - m) * light
+
+    def _sparse(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        light = self.light(x)  # depthwise: cheap enough to run densely (C*k*k MACs per pixel)
+        out = x + light
+        pad = self.conv_a.pad
+        for i in range(x.shape[0]):
+            shadow = m[i, 0] > 0.5
+            if not bool(shadow.any()):
+                continue
+            # conv_b at a shadow pixel reads conv_a within `pad` pixels: compute conv_a on the dilated mask.
+            need = dilate(shadow[None, None].float(), 2 * pad + 1)[0, 0] > 0.5 if pad else shadow
+            ys, xs = shadow.nonzero(as_tuple=True)
+            if float(shadow.float().mean()) > self.DENSE_ABOVE:
+                heavy_map = self.conv_b(self.conv_a(x[i : i + 1]))[0]
+                out[i, :, ys, xs] = x[i, :, ys, xs] + heavy_map[:, ys, xs]
+                continue
+            if float(need.float().mean()) > self.DENSE_ABOVE:  # large dilations: conv_a is needed almost everywhere
+                a_map = self.conv_a(x[i : i + 1])[0]
+            else:
+                ya, xa = need.nonzero(as_tuple=True)
+                a_map = x.new_zeros(x.shape[1:])
+                a_map[:, ya, xa] = _gather_conv(pad_reflect(x[i : i + 1], pad)[0], self.conv_a, ya, xa, self.chunk)
+            heavy = _gather_conv(pad_reflect(a_map[None], pad)[0], self.conv_b, ys, xs, self.chunk)
+            out[i, :, ys, xs] = x[i, :, ys, xs] + heavy
+        return out
+
+
+def _region_mean(feat: torch.Tensor, region: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-sample channel means of ``feat`` over ``region``; the global means where the mask covers <= 100
+    pixels or > 99 % of the image (the boundary is then meaningless)."""
+    area = m.flatten(1).sum(1)
+    hw = m.shape[-1] * m.shape[-2]
+    region_sum = region.flatten(1).sum(1)
+    use_global = (area <= 100) | (area > 0.99 * hw) | (region_sum < 1)
+    regional = (feat * region).flatten(2).sum(2) / region_sum.clamp_min(1.0)[:, None]
+    return torch.where(use_global[:, None], feat.flatten(2).mean(2), regional)
+
+
+class Aggregation(nn.Module):
+    """SE-style channel attention (avg-pool, Linear C -> C/8 + ReLU, Linear -> C, sigmoid) then a 3x3
+    ConvLayer to ``cout``."""
+
+    def __init__(self, cin: int, cout: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(cin, cin // 8), nn.Linear(cin // 8, cin)
+        self.conv = ConvLayer(cin, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return self.conv(x * w[:, :, None, None])
+
+
+class SPP(nn.Module):
+    """Spatial pyramid pooling: average pools (kernel = stride 4, 8, 16, 32; capped at the map size),
+    1x1 ConvLayer each, bicubic upsampling, concat with the input, 3x3 ConvLayer back to C."""
+
+    def __init__(self, channels: int = 64, levels: tuple[int, ...] = (4, 8, 16, 32)) -> None:
+        super().__init__()
+        self.levels = levels
+        self.convs = nn.ModuleList(ConvLayer(channels, channels, 1) for _ in levels)
+        self.fuse = ConvLayer(channels * (len(levels) + 1), channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        outs = [x]
+        for s, conv in zip(self.levels, self.convs):
+            s = max(1, min(s, h, w))
+            p = conv(F.avg_pool2d(x, s, s))
+            outs.append(F.interpolate(p, size=(h, w), mode="bicubic", align_corners=False))
+        return self.fuse(torch.cat(outs, dim=1))
+
+
+class Hypercolumn(nn.Module):
+    """Frozen VGG16 hypercolumn (input + five block outputs = 1475 channels, bicubic to full size) followed
+    by the trainable 1x1 fusion to C + LeakyReLU.
+
+    The fusion is applied to each level at its own resolution before upsampling and the results are
+    summed; 1x1 convolution and bicubic upsampling are both linear, so this equals fusing the upsampled
+    1475-channel stack (up to float rounding) without materialising it (1.8 GB at 640x480).
+    """
+
+    def __init__(self, features: nn.Sequential, channels: int = 64) -> None:
+        super().__init__()
+        self.vgg = features
+        self.fusion = nn.Conv2d(sum(HYPERCOLUMN_CHANNELS), channels, 1)
+        self._levels: list[tuple[int, int]] = []
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        h, w = rgb.shape[-2:]
+        with torch.no_grad():
+            levels, x = [rgb], rgb
+            for a, b in VGG_BLOCKS:
+                x = self.vgg[a:b](x)
+                levels.append(x)
+        weight = self.fusion.weight
+        out, start = None, 0
+        self._levels = []
+        for feat, c in zip(levels, HYPERCOLUMN_CHANNELS):
+            y = F.conv2d(feat.detach(), weight[:, start : start + c])
+            self._levels.append((feat.shape[-2] * feat.shape[-1] * feat.shape[0], c))
+            start += c
+            if y.shape[-2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode="bicubic", align_corners=False)
+            out = y if out is None else out + y
+        return F.leaky_relu(out + self.fusion.bias[None, :, None, None], 0.2)
+
+    def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
+        """MACs of the factorised fusion (the VGG convs are counted by their own hooks)."""
+        return sum(pixels * c * self.fusion.out_channels for pixels, c in self._levels)
+
+
+class SADCNet(nn.Module):
+    """The SADC shadow-removal network (``ShadowRemoval(channels=64)`` of the card), without the release's
+    unused modules. Output: the shadow-free RGB image (no global residual)."""
+
+    STAGES = (((1, 1), (3, 1)), ((3, 2), (3, 4)), ((3, 8), (3, 16)), ((3, 32), (3, 64)))  # (kernel, dilation)
+
+    def __init__(self, features: nn.Sequential, channels: int = 64, morph: int = 7, sparse: bool = True):
+        super().__init__()
+        c = channels
+        self.morph = morph
+        self.hypercolumn = Hypercolumn(features, c)
+        self.dyn = nn.ModuleList(DynConv(c, k, d, sparse) for stage in self.STAGES for k, d in stage)
+        self.agg0, self.agg1 = Aggregation(2 * c, c), Aggregation(3 * c, c)
+        self.agg2, self.agg3 = Aggregation(3 * c, c), Aggregation(4 * c, c)
+        self.spp = SPP(c)
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] [N, 3, H, W] and a binary mask [N, 1, H, W] -> shadow-free RGB."""
+        m = mask
+        inner = m - erode(m, self.morph)
+        outer = dilate(m, self.morph) - m
+        f = self.hypercolumn(rgb)
+        d = self.dyn
+        o01 = d[0](f, m, inner, outer)
+        o02 = d[1](o01, m, inner, outer)
+        a0 = self.agg0(torch.cat([o01, o02], 1))
+        o11 = d[2](a0, m, inner, outer)
+        o12 = d[3](o11, m, inner, outer)
+        a1 = self.agg1(torch.cat([a0, o11, o12], 1))
+        o21 = d[4](a1, m, inner, outer)
+        o22 = d[5](o21, m, inner, outer)
+        a2 = self.agg2(torch.cat([a1, o21, o22], 1))
+        o31 = d[6](a2, m, inner, outer)
+        o32 = d[7](o31, m, inner, outer)
+        a3 = self.agg3(torch.cat([a1, a2, o31, o32], 1))  # agg1, not agg0: as in the card
+        return self.head(self.spp(a3))
+
+    def kd_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(heavy boundary mean, light ring mean) of every DynConv from the last training forward."""
+        return [layer.stats for layer in self.dyn if layer.stats is not None]
+
+
+def kd_coefficient(epoch: int, start: int, total: int) -> float:
+    """c(e) of the distillation term: 0 before ``start``, then 1 - cos(pi/2 * (e - start) / (total - start))."""
+    if epoch < start or total <= start:
+        return 0.0
+    return 1.0 - math.cos(math.pi / 2.0 * min(1.0, (epoch - start) / (total - start)))
