@@ -16,6 +16,7 @@ from evcli.cli import deshadow as deshadow_cmd
 from evcli.cli import env as env_cmd
 from evcli.cli import mix as mix_cmd
 from evcli.cli import recipe_cmd
+from evcli.cli import sparsify as sparsify_cmd
 from evcli.console import error
 from evcli.errors import EXIT_HARDWARE, EXIT_INTERRUPTED, EvcliError
 
@@ -45,6 +46,7 @@ def root(
 # One line per method subcommand, added when the subcommand works.
 app.add_typer(mix_cmd.app, name="mix")
 app.add_typer(deshadow_cmd.app, name="deshadow")
+app.add_typer(sparsify_cmd.app, name="sparsify")
 
 app.add_typer(recipe_cmd.app, name="recipe")
 env_cmd.register(app)

@@ -106,7 +106,7 @@ class Method:
         """Gradients of the whole (accumulated) step are ready; edit them here."""
 
     def after_optimizer_step(self, model: nn.Module, ctx: TrainContext) -> None:
-        """The weights were just updated (``ctx.step`` already counts this step)."""
+        """The weights were just updated; ``ctx.step`` is this step's index (it advances right after)."""
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> None:
         """Before the first step of ``epoch`` (not re-run when resuming mid-epoch)."""

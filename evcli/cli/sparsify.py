@@ -1,0 +1,360 @@
+"""`evcli sparsify`: train / evaluate / export / verify / bench sparse classifiers (LBC, OptG, magnitude, SR-STE)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from evcli.cli.common import (
+    JsonOption,
+    QuietOption,
+    RecipeOption,
+    SetOption,
+    find_recipe,
+    print_result,
+    recipe_flags,
+    setup_output,
+    train_or_resume,
+)
+
+HELP = """Train a sparse image classifier (any timm CNN or ViT): N:M sparsity with LBC (default for --nm),
+unstructured sparsity with OptG (default for --sparsity), and the magnitude and SR-STE baselines.
+
+By default every Conv2d/Linear except the stem conv and the classifier is sparse; with N:M, layers whose
+input channels do not divide by M are listed and left dense. Choose layers with sparsify.targets /
+sparsify.ignore patterns: a name, re:<regex>, type:Conv2d.
+
+Without --data it trains on the built-in data: scikit-learn's digits, 1,797 real 8x8 scans of
+handwritten digits (10 classes) shipped inside scikit-learn, upsampled to --img-size (32 px by default;
+every 5th image of each class is the val split). With --data DIR it reads an ImageFolder:
+DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg.
+
+A run folder holds resolved_recipe.yaml, env.json, metrics.jsonl, checkpoints/{last,best}.safetensors,
+final.safetensors (masks folded in), report.json, sparsity.json and sparsity.png (per-layer chart).
+
+Examples:
+
+  evcli sparsify --nm 2:4 --model resnet50
+
+  evcli sparsify --method optg --sparsity 0.9 --model resnet18
+
+  evcli sparsify --method srste --nm 2:4 --init-from runs/mix/<dense-run>
+
+  evcli sparsify --recipe sparsify/tiny_lbc
+
+  evcli sparsify export runs/sparsify/<run>        (folded weights, packed N:M file, chart)
+
+  evcli sparsify verify runs/sparsify/<run>/export-best.safetensors --nm 2:4
+
+  evcli sparsify bench runs/sparsify/<run>/export-best.safetensors
+"""
+
+app = typer.Typer(help=HELP, invoke_without_command=True, no_args_is_help=False)
+
+
+class SparsifyMethodName(str, Enum):
+    lbc = "lbc"
+    optg = "optg"
+    magnitude = "magnitude"
+    srste = "srste"
+    dense = "dense"
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.callback()
+def train(
+    ctx: typer.Context,
+    recipe: str = RecipeOption,
+    method: SparsifyMethodName = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="lbc, optg, magnitude, srste, or dense for reference (default: lbc for N:M, optg for --sparsity).",
+        show_default=False,
+    ),
+    nm: str = typer.Option(
+        None, "--nm", help="N:M pattern along input channels, e.g. 2:4 (default 2:4).", show_default=False
+    ),
+    sparsity: float = typer.Option(
+        None, "--sparsity", help="Unstructured target sparsity in (0, 1), e.g. 0.9.", show_default=False
+    ),
+    model: str = typer.Option(None, "--model", help="timm model name (default: resnet18).", show_default=False),
+    img_size: int = typer.Option(
+        None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).", show_default=False
+    ),
+    patch_size: int = typer.Option(None, "--patch-size", help="ViT patch size.", show_default=False),
+    weights: Path = typer.Option(
+        None, "--weights", help="Pretrained weights, a local .safetensors file.", show_default=False
+    ),
+    init_from: Path = typer.Option(
+        None, "--init-from", help="Start from a (dense) run's weights: run folder or .safetensors.", show_default=False
+    ),
+    data: Path = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="ImageFolder root with train/ and val/ (default: built-in digits).",
+        show_default=False,
+    ),
+    epochs: int = typer.Option(None, "--epochs", help="Training epochs (default: 4).", show_default=False),
+    max_steps: int = typer.Option(
+        None, "--max-steps", help="Stop after this many optimizer steps.", show_default=False
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size per process.", show_default=False),
+    lr: float = typer.Option(
+        None,
+        "--lr",
+        help="Learning rate at batch 256, scaled to the global batch (default: 0.1, SGD).",
+        show_default=False,
+    ),
+    seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=False),
+    mixed_precision: Precision = typer.Option(
+        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).", show_default=False
+    ),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.", show_default=False),
+    workers: int = typer.Option(None, "--workers", help="Data-loading worker processes.", show_default=False),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Run folder (default: runs/sparsify/<time>-<model>-<method>).", show_default=False
+    ),
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the run in this folder exactly where it stopped.", show_default=False
+    ),
+    force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_output(quiet)
+    from evcli.errors import UsageError
+
+    if nm is not None and sparsity is not None:
+        raise UsageError(
+            "--nm and --sparsity cannot be combined: N:M fixes the sparsity at 1 - N/M",
+            hint="use --nm 2:4 (lbc, srste, magnitude) or --sparsity 0.9 (optg, magnitude)",
+        )
+    flags = {
+        "sparsify.method": method,
+        "sparsify.nm": nm,
+        "sparsify.sparsity": sparsity,
+        "model.name": model,
+        "data.img_size": img_size,
+        "model.patch_size": patch_size,
+        "model.weights": weights,
+        "model.init_from": init_from,
+        "data.path": data,
+        "schedule.epochs": epochs,
+        "schedule.max_steps": max_steps,
+        "data.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.seed": seed,
+        "train.mixed_precision": mixed_precision,
+        "train.grad_accum": grad_accum,
+        "data.workers": workers,
+        "out.dir": out,
+    }
+    _, report = train_or_resume("sparsify", recipe, resume, force, recipe_flags(flags), sets)
+    _print_report(report, json_out)
+
+
+def _print_report(report: dict, json_out: bool) -> None:
+    if not report:
+        return
+    m = report["metrics"]
+    run = Path(report["run_dir"])
+    if (run / "sparsity.png").exists():
+        report["files"]["sparsity_chart"] = str(run / "sparsity.png")
+    rows = [
+        ("method", f"{report['method']} on {report['model']} ({report['parameters'] / 1e6:.2f}M params)"),
+        (
+            "steps",
+            f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), {report['device']})",
+        ),
+        ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+        ("val loss", f"{m['loss']:.4f}"),
+        ("sparsity (targeted layers)", f"{100 * m.get('sparsity', 0.0):.2f}%"),
+    ]
+    if "nm_exact" in m:
+        rows.append(("exact N:M at the end", "yes" if m["nm_exact"] == 1.0 else "no (before t_f)"))
+    rows += [
+        ("weights (masks folded in)", report["files"]["weights"]),
+        ("per-layer chart", report["files"].get("sparsity_chart", "none (dense run)")),
+        ("report", str(run / "report.json")),
+    ]
+    print_result(report, json_out, "evcli sparsify: result", rows)
+
+
+@app.command("eval")
+def evaluate(
+    weights: Path = typer.Argument(..., help="Weights (.safetensors) or a run folder.", show_default=False),
+    recipe: str = RecipeOption,
+    img_size: int = typer.Option(
+        None, "--img-size", help="Input size (default: from the weights' run).", show_default=False
+    ),
+    data: Path = typer.Option(
+        None, "--data", "-d", help="ImageFolder root (default: from the run, else built-in).", show_default=False
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size.", show_default=False),
+    sets: list[str] = SetOption,
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Evaluate weights on the val split: top-1 / top-5, loss and the sparsity of the targeted layers."""
+    setup_output(quiet)
+    from evcli.engine.run import evaluation_recipe, run_evaluation
+
+    flags = recipe_flags({"data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size})
+    rec = evaluation_recipe("sparsify", weights, find_recipe(recipe), flags, sets or [])
+    report = run_evaluation(rec, weights)
+    m = report["metrics"]
+    print_result(
+        report,
+        json_out,
+        "evcli sparsify eval",
+        [
+            ("weights", report["weights"]),
+            ("model", report["model"]),
+            ("data", report["data"]),
+            ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+            ("val loss", f"{m['loss']:.4f}"),
+            ("sparsity (targeted layers)", f"{100 * m.get('sparsity', 0.0):.2f}%"),
+        ],
+    )
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
+    ),
+    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Export with masks folded in (scores/masks dropped), verify it, write the packed N:M file and the chart."""
+    setup_output(quiet)
+    from evcli.methods.sparsify.report import export_run
+
+    res = export_run(run, which, output)
+    rows = [
+        ("from", res["checkpoint"]),
+        ("step", str(res["step"])),
+        ("weights", res["weights"]),
+        ("pattern", f"{res['pattern']} ({'verified' if res['verified'] else 'NOT verified'})"),
+        ("sparsity (targeted layers)", f"{100 * res['overall_sparsity']:.2f}%"),
+        ("per-layer chart", res["chart"] or "none (dense run)"),
+    ]
+    p = res["packed"]
+    if p:
+        rows += [
+            ("packed N:M file", p["packed_file"]),
+            (
+                "packed / dense fp16 (sparse layers)",
+                f"{p['layers_packed_bytes']:,} / {p['layers_dense_fp16_bytes']:,} bytes = {p['layers_ratio']:.4f}",
+            ),
+            (
+                "whole file on disk",
+                f"{p['file_bytes']:,} bytes packed vs {p['dense_fp16_bytes']:,} dense fp16 "
+                f"({p['file_ratio_vs_fp16']:.3f}); fp32 export {p['dense_file_bytes']:,}",
+            ),
+        ]
+    print_result(res, json_out, "evcli sparsify export", rows)
+    if not res["verified"]:
+        from evcli.console import error
+
+        error("the export is not " + res["pattern"] + ": " + ", ".join(res["failing_layers"][:8]))
+        raise typer.Exit(1)
+
+
+@app.command("verify")
+def verify(
+    file: Path = typer.Argument(..., help="Exported weights (.safetensors).", show_default=False),
+    nm: str = typer.Option(None, "--nm", help="N:M pattern to check (default: the run's).", show_default=False),
+    sparsity: float = typer.Option(
+        None, "--sparsity", help="Unstructured sparsity to check instead of N:M.", show_default=False
+    ),
+    tol: float = typer.Option(0.005, "--tol", help="Allowed shortfall of --sparsity."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Check that every targeted weight is N:M (or reaches --sparsity); exit 1 listing the failing layers."""
+    setup_output(quiet)
+    from evcli.console import error
+    from evcli.methods.sparsify.report import verify_file
+
+    res = verify_file(file, nm=nm, sparsity=sparsity, tol=tol)
+    if json_out:
+        print_result(res, True, "", [])
+    else:
+        from rich.table import Table
+
+        from evcli.console import out_console
+
+        table = Table(title=f"evcli sparsify verify: {res['pattern']} ({res['checked']})", title_justify="left")
+        for col in ("layer", "shape", "nonzeros", "sparsity", "check"):
+            table.add_column(col)
+        for r in res["layers"]:
+            check = ("ok" if r["ok"] else f"FAIL ({r['bad_groups']} groups)") if "ok" in r else ""
+            table.add_row(
+                r["layer"], "x".join(map(str, r["shape"])), f"{r['nonzeros']:,}", f"{r['sparsity']:.4f}", check
+            )
+        out_console.print(table)
+        out_console.print(f"overall sparsity of the checked layers: {res['overall_sparsity']:.4f}")
+    if not res["ok"]:
+        error(f"{file} is not {res['pattern']}: {len(res['failing'])} failing: " + ", ".join(res["failing"]))
+        raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench(
+    file: Path = typer.Argument(..., help="Exported weights (.safetensors) of a sparsify run.", show_default=False),
+    batch: list[int] = typer.Option(
+        None, "--batch", help="Batch sizes of the CUDA sweep (repeatable).", show_default=False
+    ),
+    img_size: int = typer.Option(None, "--img-size", help="Input size (default: the run's).", show_default=False),
+    iters: int = typer.Option(20, "--iters", help="Timed iterations per batch size (CUDA)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Report on CPU even when CUDA is available."),
+    json_out: bool = JsonOption,
+    quiet: bool = QuietOption,
+) -> None:
+    """Dense vs sparse on one named runtime: CUDA 2:4 semi-structured Linear kernels, or CPU size/FLOPs only."""
+    setup_output(quiet)
+    from evcli.methods.sparsify.report import bench_file
+
+    res = bench_file(file, batch or [1, 8, 32, 128], img_size=img_size, iters=iters, cpu=cpu)
+    rows = [
+        ("model / pattern", f"{res['model']} {res['pattern']}"),
+        ("runtime", res["runtime"]),
+        ("file size", f"{res['file_bytes']:,} bytes"),
+        (
+            "nonzeros",
+            f"{res['nonzeros']:,} of {res['weights']:,} weights "
+            f"({res['targeted_nonzeros']:,} of {res['targeted_weights']:,} in sparse layers)",
+        ),
+        (
+            "MACs dense / ideal sparse",
+            f"{res['macs_dense'] / 1e6:.2f}M / {res['macs_sparse_ideal'] / 1e6:.2f}M "
+            f"at {res['input']} ({res['mac_counter']})",
+        ),
+    ]
+    if "targeted_packed_ratio_fp16" in res:
+        rows.append(("packed / dense fp16 (sparse layers)", f"{res['targeted_packed_ratio_fp16']:.4f}"))
+    for r in res["speed"]:
+        rows.append(
+            (
+                f"batch {r['batch']}",
+                f"dense {r['dense_ms']:.3f} ms, sparse {r['sparse_ms']:.3f} ms, "
+                f"x{r['speedup']:.2f}" + (" (sparse is SLOWER)" if r["sparse_slower"] else ""),
+            )
+        )
+    rows.append(("speed", res["speed_claim"]))
+    print_result(res, json_out, "evcli sparsify bench", rows)

@@ -1,0 +1,131 @@
+"""Recipe schema of ``evcli sparsify`` (the ``sparsify:`` section). Torch-free: loaded by --help and recipes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from evcli.errors import RecipeError
+from evcli.recipe import Duration
+from evcli.registry import register_command
+
+# Which pattern each method trains: N:M (structured along input channels) or unstructured sparsity.
+NM_METHODS = ("lbc", "srste")
+UNSTRUCTURED_METHODS = ("optg",)
+
+
+def check_pattern(pattern: str, key: str) -> None:
+    """Reject a layer pattern that cannot match anything (empty, bad regex, empty type)."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise RecipeError(f"recipe key '{key}': a layer pattern must be a non-empty string")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise RecipeError(f"recipe key '{key}': bad regular expression {pattern[3:]!r}: {exc}") from exc
+    elif pattern.startswith("type:") and not pattern[5:].strip():
+        raise RecipeError(f"recipe key '{key}': 'type:' needs a class name, e.g. type:Conv2d")
+
+
+def parse_nm_text(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4) without torch (the same rules as ``evcli.ops.nm.parse_nm``)."""
+    m = re.match(r"^\s*(\d+)\s*:\s*(\d+)\s*$", str(text))
+    if not m:
+        raise RecipeError(f"--nm / sparsify.nm must look like 2:4 (N:M, N kept of every M), got {text!r}")
+    n, big_m = int(m.group(1)), int(m.group(2))
+    if n < 1 or big_m < 1:
+        raise RecipeError(f"--nm / sparsify.nm needs N >= 1 and M >= 1, got {text!r}")
+    if n >= big_m:
+        raise RecipeError(f"--nm / sparsify.nm needs N < M (N weights kept of every M), got {text!r}")
+    if big_m > 16:
+        raise RecipeError(f"--nm / sparsify.nm supports M <= 16, got {text!r}")
+    return n, big_m
+
+
+@register_command(
+    "sparsify",
+    implementation="evcli.methods.sparsify.method:SparsifyMethod",
+    help="Train a sparse classifier: LBC N:M, OptG unstructured, magnitude and SR-STE baselines.",
+    defaults={
+        "model.name": "resnet18",
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
+        "optim.lr_base_batch": 256,  # the papers' lr 0.1 at batch 256, scaled to the run's batch
+        "optim.weight_decay": 1e-4,
+        "optim.momentum": 0.9,
+        "schedule.epochs": 4,
+        "schedule.warmup": "10%",
+        "schedule.min_lr": 0.0,
+    },
+)
+@dataclass
+class SparsifyConfig:
+    """Which sparsity is trained, on which layers, and each method's schedule."""
+
+    # auto: lbc for N:M, optg for sparsity; dense: the same training without masks (the reference point)
+    method: Literal["auto", "lbc", "optg", "magnitude", "srste", "dense"] = "auto"
+    nm: str | None = None  # N:M pattern like "2:4" (default 2:4 unless `sparsity` is set)
+    sparsity: float | None = None  # unstructured target in (0, 1) (optg, magnitude)
+    targets: list[str] = field(default_factory=list)  # layer patterns: name, "re:<regex>", "type:Conv2d"
+    ignore: list[str] = field(default_factory=list)  # patterns of layers kept dense
+    t_i: Duration = Duration("0%")  # LBC: removal starts; magnitude: mask (one-shot) or ramp start
+    t_f: Duration = Duration("50%")  # LBC: last combination removal, exact N:M from here; magnitude ramp end
+    power: int | None = None  # LBC removal exponent p (default: 3 for CNNs, 4 when only Linear layers)
+    freeze_scores: bool = True  # LBC: freeze scores once one combination is left (paper; DeiT code: false)
+    update_every: Literal["epoch", "step"] = "epoch"  # schedule granularity (papers: per epoch)
+    beta: float = 1.0  # OptG sigmoid slope of the sparsity and mask-lr schedules
+    mask_lr_scale: float = 1.0  # OptG: mask lr = scale * lr * sigmoid(beta (e - E/2)) (paper: 1)
+    # OptG: train the last part with masks fixed at exactly `sparsity`, the sigmoid schedule squeezed into the
+    # rest (the card's fix for short runs, where p*sigmoid never gets near p); paper: 0step
+    optg_fixed_tail: Duration = Duration("0step")
+    magnitude_schedule: Literal["oneshot", "gradual"] = "oneshot"  # mask once at t_i, or ramp t_i..t_f
+    magnitude_scope: Literal["layer", "global"] = "global"  # unstructured magnitude: per layer or global
+    srste_decay: float = 2e-4  # SR-STE sparse-refined decay lambda_W on pruned weights
+    label_smoothing: float = 0.1
+
+    def validate(self, recipe: Any) -> None:
+        """Cross-key checks; resolves ``method: auto`` and the default 2:4 pattern."""
+        if self.nm is not None and self.sparsity is not None:
+            raise RecipeError(
+                "--nm and --sparsity cannot be combined: N:M fixes the sparsity at 1 - N/M",
+                hint="use --nm 2:4 (lbc, srste, magnitude) or --sparsity 0.9 (optg, magnitude)",
+            )
+        if self.nm is not None:
+            parse_nm_text(self.nm)
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise RecipeError(f"--sparsity / sparsify.sparsity must be in (0, 1), got {self.sparsity}")
+        if self.method == "auto":
+            self.method = "optg" if self.sparsity is not None else "lbc"
+        if self.method == "dense":
+            if self.nm is not None or self.sparsity is not None:
+                raise RecipeError("method dense trains without sparsity; drop --nm / --sparsity")
+            return
+        if self.method in NM_METHODS and self.sparsity is not None:
+            raise RecipeError(
+                f"method {self.method} trains N:M sparsity; --sparsity is for optg or magnitude",
+                hint="use --nm 2:4 with this method",
+            )
+        if self.method in UNSTRUCTURED_METHODS and self.sparsity is None:
+            raise RecipeError(
+                "method optg trains unstructured sparsity and needs --sparsity (e.g. 0.9)"
+                + (", not --nm" if self.nm is not None else "")
+            )
+        if self.sparsity is None and self.nm is None:
+            self.nm = "2:4"
+        for i, p in enumerate(self.targets):
+            check_pattern(p, f"sparsify.targets[{i}]")
+        for i, p in enumerate(self.ignore):
+            check_pattern(p, f"sparsify.ignore[{i}]")
+        if self.power is not None and self.power < 1:
+            raise RecipeError("recipe key 'sparsify.power' must be >= 1")
+        if self.beta <= 0:
+            raise RecipeError("recipe key 'sparsify.beta' must be > 0")
+        if self.mask_lr_scale < 0 or self.srste_decay < 0:
+            raise RecipeError("recipe keys 'sparsify.mask_lr_scale' and 'sparsify.srste_decay' must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise RecipeError("recipe key 'sparsify.label_smoothing' must be in [0, 1)")
+
+    def pattern(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M run, None for unstructured sparsity."""
+        return parse_nm_text(self.nm) if self.nm is not None else None

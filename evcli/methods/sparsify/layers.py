@@ -1,0 +1,393 @@
+"""Layer targeting and the masked layers of the sparsify methods.
+
+A targeted ``nn.Conv2d`` / ``nn.Linear`` keeps its parameters and state-dict keys (so dense checkpoints
+load into it and exports load into a plain model); its class is swapped for a subclass whose forward
+uses ``site.masked_weight(weight)``. The *site* holds the method's tensors of that layer (LBC scores,
+OptG scores and mask, magnitude mask) outside the model: the method saves them in its state dict, and an
+EMA copy of the model shares them (a site is not copied by ``deepcopy``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evcli.errors import UsageError
+from evcli.ops.nm import combination_table, from_groups, nm_mask, reduction_dim
+
+# --------------------------------------------------------------------------------------------------
+# Targeting
+
+
+@dataclass
+class LayerChoice:
+    """Which layers a run sparsifies, and why each other Conv2d/Linear is left dense."""
+
+    selected: list[tuple[str, nn.Module]]
+    skipped: list[tuple[str, str]]  # (name, reason)
+
+
+def pattern_matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """``re:<regex>`` (matched at the start of the name), ``type:<ClassName>`` (any base class), or a name
+    (the layer itself or anything under it)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if pattern.startswith("type:"):
+        wanted = pattern[5:].strip()
+        return any(cls.__name__ == wanted for cls in type(module).__mro__)
+    return name == pattern or name.startswith(pattern + ".")
+
+
+def _classifier(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module):
+            return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _supported(module: nn.Module) -> bool:
+    """Only layers whose forward is the plain torch one can have the masked forward swapped in."""
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward or hasattr(module, "_evcli_site")
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward or hasattr(module, "_evcli_site")
+    return False
+
+
+def select_layers(
+    model: nn.Module, targets: list[str], ignore: list[str], m: int | None, input_channels: int = 3
+) -> LayerChoice:
+    """The Conv2d/Linear layers to sparsify.
+
+    Default (no ``targets``): every Conv2d/Linear except the stem conv (the first conv reading the image)
+    and the classifier. ``ignore`` removes layers; with N:M (``m`` set) layers whose input-channel count is
+    not divisible by M are left dense and listed.
+
+    Raises:
+        UsageError: a pattern matches no Conv2d/Linear layer.
+    """
+    layers = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    for kind, patterns in (("targets", targets), ("ignore", ignore)):
+        for p in patterns:
+            if not any(pattern_matches(p, n, mod) for n, mod in layers):
+                raise UsageError(
+                    f"sparsify.{kind} pattern {p!r} matches no Conv2d/Linear layer of this model",
+                    hint="patterns: a layer name (e.g. fc), re:<regex> (e.g. re:layer[1-4]\\..*conv), type:Conv2d",
+                )
+    stem = next((mod for _, mod in layers if isinstance(mod, nn.Conv2d) and mod.in_channels == input_channels), None)
+    if stem is None:
+        stem = next((mod for _, mod in layers if isinstance(mod, nn.Conv2d)), None)
+    head = _classifier(model)
+    selected: list[tuple[str, nn.Module]] = []
+    skipped: list[tuple[str, str]] = []
+    for name, mod in layers:
+        if targets:
+            if not any(pattern_matches(p, name, mod) for p in targets):
+                skipped.append((name, "not in sparsify.targets"))
+                continue
+        elif mod is stem:
+            skipped.append((name, "stem conv (dense by default)"))
+            continue
+        elif mod is head:
+            skipped.append((name, "classifier (dense by default)"))
+            continue
+        if any(pattern_matches(p, name, mod) for p in ignore):
+            skipped.append((name, "in sparsify.ignore"))
+            continue
+        if not _supported(mod):
+            skipped.append((name, f"custom layer type {type(mod).__name__} (its forward is not torch's)"))
+            continue
+        if m is not None and reduction_dim(mod.weight) % m:
+            skipped.append((name, f"input channels per group {reduction_dim(mod.weight)} not divisible by M={m}"))
+            continue
+        selected.append((name, mod))
+    return LayerChoice(selected, skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked forward (class swap)
+
+
+def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return self._conv_forward(x, self._evcli_site.masked_weight(self.weight), self.bias)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, self._evcli_site.masked_weight(self.weight), self.bias)
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def attach(module: nn.Module, site: Site) -> None:
+    """Make ``module`` compute with ``site.masked_weight(weight)``; its parameters and keys are unchanged."""
+    base = type(module)
+    if hasattr(module, "_evcli_site"):
+        module._evcli_site = site
+        return
+    if base not in _SWAPPED:
+        forward = _conv_forward if isinstance(module, nn.Conv2d) else _linear_forward
+        _SWAPPED[base] = type(f"Sparse{base.__name__}", (base,), {"forward": forward, "_evcli_base": base})
+    module.__class__ = _SWAPPED[base]
+    module._evcli_site = site
+
+
+def detach(module: nn.Module) -> None:
+    """Undo :func:`attach`: the module computes densely again."""
+    if hasattr(module, "_evcli_site"):
+        module.__class__ = module._evcli_base
+        del module._evcli_site
+
+
+# --------------------------------------------------------------------------------------------------
+# Sites: the per-layer tensors of each method
+
+
+class _BinaryMaskSTE(torch.autograd.Function):
+    """m = 1[s != 0] forward, identity backward (LBC's straight-through mask)."""
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor) -> torch.Tensor:
+        return (s != 0).to(s.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class _SRSTEMasked(torch.autograd.Function):
+    """Ŵ = W ⊙ m(W) forward; backward g + λ (1 - m) ⊙ W to every weight (SR-STE)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, n: int, m: int, decay: float) -> torch.Tensor:
+        mask = nm_mask(weight, n, m)
+        ctx.save_for_backward(weight, mask)
+        ctx.decay = decay
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        weight, mask = ctx.saved_tensors
+        return grad + ctx.decay * (1.0 - mask) * weight, None, None, None
+
+
+class Site:
+    """The sparsity state of one layer (subclasses per method). Shared, never deep-copied."""
+
+    kind = "base"
+
+    def __init__(self, shape: torch.Size):
+        self.shape = torch.Size(shape)
+
+    def __deepcopy__(self, memo: dict) -> Site:
+        return self
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 0/1 mask folded into the exported weight."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Schedule state saved in the method's state dict."""
+        return {}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            getattr(self, k).copy_(v)
+
+    def to(self, device: torch.device) -> None:
+        for k, v in list(vars(self).items()):
+            if isinstance(v, nn.Parameter):
+                setattr(self, k, nn.Parameter(v.data.to(device), requires_grad=v.requires_grad))
+            elif isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device))
+
+
+class LBCSite(Site):
+    """LBC: scores α [G, C(M,N)] over the N-subsets of each group of M input-channel weights."""
+
+    kind = "lbc"
+
+    def __init__(self, shape: torch.Size, n: int, m: int):
+        super().__init__(shape)
+        self.n, self.m = n, m
+        self.table = combination_table(n, m)  # Π [C, M]
+        combos = self.table.shape[0]
+        groups = int(torch.Size(shape).numel()) // m
+        # each weight lies in C(M-1, N-1) subsets: α = 1/C(M-1,N-1) makes every weight's summed score 1
+        per_weight = int(self.table[:, 0].sum())
+        self.alpha = nn.Parameter(torch.full((groups, combos), 1.0 / per_weight))
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    @property
+    def combos(self) -> int:
+        return int(self.table.shape[0])
+
+    def scores_per_weight(self) -> torch.Tensor:
+        """s = (α ⊙ 1[α≠0]) Π, [G, M]."""
+        a = self.alpha
+        return (a * (a != 0).to(a.dtype)) @ self.table.to(a.dtype)
+
+    def mask(self) -> torch.Tensor:
+        """The [G, M] mask; straight-through to α while α trains, cached while α does not change."""
+        a = self.alpha
+        if a.requires_grad and torch.is_grad_enabled():
+            return _BinaryMaskSTE.apply(self.scores_per_weight())
+        # evaluation, or α frozen after t_f: the mask only changes when α does (its version counter)
+        key = (a._version, a.data_ptr())
+        if self._cache_key != key:
+            with torch.no_grad():
+                self._cache = (self.scores_per_weight() != 0).to(a.dtype)
+            self._cache_key = key
+        return self._cache
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * from_groups(self.mask(), weight.shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def remove(self, k: int) -> None:
+        """Zero the k smallest scores of every group; zeros are re-selected first (momentum can revive them)."""
+        if k <= 0:
+            return
+        a = self.alpha.detach().clone()
+        a[a == 0] = float("-inf")
+        idx = torch.topk(a, k, dim=1, largest=False).indices
+        self.alpha.scatter_(1, idx, 0.0)  # in place on the parameter: bumps its version (mask cache)
+
+    @torch.no_grad()
+    def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        # the best-scored surviving combination of each group (identical to the live mask once k = C-1)
+        a = self.alpha.detach().clone()
+        a[a == 0] = float("-inf")
+        best = a.argmax(dim=1)
+        groups = self.table.to(weight.device)[best]
+        return from_groups(groups, weight.shape).to(weight.dtype)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"alpha": self.alpha.detach()}
+
+
+class OptGSite(Site):
+    """OptG: a score per weight (init 0) and the mask fixed for the current epoch."""
+
+    kind = "optg"
+
+    def __init__(self, shape: torch.Size):
+        super().__init__(shape)
+        self.scores = nn.Parameter(torch.zeros(shape))
+        self.mask = torch.ones(shape)
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        # value = mask; d/dscores = weight * grad (the straight-through supermask gradient, kept and pruned)
+        s = self.scores.to(weight.dtype)
+        return weight * (self.mask.to(weight.dtype) + (s - s.detach()))
+
+    def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(weight.dtype)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.scores]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"scores": self.scores.detach(), "mask": self.mask}
+
+
+class MaskSite(Site):
+    """Magnitude pruning: a fixed 0/1 mask (set at t_i, or refreshed along the ramp); pruned weights get no gradient."""
+
+    kind = "magnitude"
+
+    def __init__(self, shape: torch.Size):
+        super().__init__(shape)
+        self.mask = torch.ones(shape)
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+    def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.mask.to(weight.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask}
+
+
+class SRSTESite(Site):
+    """SR-STE: top-N |W| mask recomputed every forward, dense straight-through gradient plus refined decay."""
+
+    kind = "srste"
+
+    def __init__(self, shape: torch.Size, n: int, m: int, decay: float):
+        super().__init__(shape)
+        self.n, self.m, self.decay = n, m, decay
+
+    def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return _SRSTEMasked.apply(weight, self.n, self.m, self.decay)
+
+    def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return nm_mask(weight, self.n, self.m)
+
+
+def magnitude_layer_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """0/1 mask zeroing the round(sparsity * numel) smallest |w| of one layer."""
+    k = int(round(sparsity * weight.numel()))
+    mask = torch.ones_like(weight)
+    if k > 0:
+        idx = torch.sort(weight.detach().abs().reshape(-1), stable=True).indices[:k]
+        mask.view(-1)[idx] = 0.0
+    return mask
+
+
+def global_threshold_masks(
+    values: list[torch.Tensor], sparsity: float, tiebreak: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """OptG's set_model: global τ so that (1-p)·total values are >= τ, per-layer ratio r_l = frac(v_l < τ),
+    then each layer prunes its own r_l·n_l lowest values (stable sort).
+
+    Values tied at τ are kept, so the realized sparsity can undershoot (all-zero scores at the start, or
+    weights that never get a gradient). With ``tiebreak`` (e.g. |W|) exactly round(p·total) values are
+    pruned instead: the lowest by value, ties broken by the lowest tiebreak.
+    """
+    flat = torch.cat([v.detach().reshape(-1).float() for v in values])
+    total = flat.numel()
+    keep = total - int(round(sparsity * total))
+    if keep >= total:
+        return [torch.ones_like(v) for v in values]
+    if tiebreak is not None:
+        second = torch.cat([t.detach().reshape(-1).float() for t in tiebreak])
+        by_second = torch.sort(second, stable=True).indices
+        order = by_second[torch.sort(flat[by_second], stable=True).indices]
+        pruned = torch.ones(total, device=flat.device)
+        pruned[order[: total - keep]] = 0.0
+        masks, start = [], 0
+        for v in values:
+            masks.append(pruned[start : start + v.numel()].view_as(v).to(v.dtype))
+            start += v.numel()
+        return masks
+    tau = torch.topk(flat, max(keep, 1)).values[-1] if keep > 0 else float("inf")
+    masks = []
+    for v in values:
+        prune = int((v.detach().float() < tau).sum())
+        mask = torch.ones_like(v)
+        if prune > 0:
+            idx = torch.sort(v.detach().reshape(-1).float(), stable=True).indices[:prune]
+            mask.view(-1)[idx] = 0.0
+        masks.append(mask)
+    return masks

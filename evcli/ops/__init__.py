@@ -1,0 +1,1 @@
+"""Reusable tensor operations shared by methods: N:M masks and packing, FLOPs counting."""

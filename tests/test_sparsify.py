@@ -1,0 +1,334 @@
+"""`evcli sparsify` end to end: the four methods train, export, verify and bench; bad input gets one clear line and
+the right exit code; resume is bit-exact for LBC and OptG; --init-from a dense model; --help stays torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evcli.engine.run import prepare_resume, run_training
+from evcli.engine.trainer import Trainer
+from evcli.errors import Interrupted
+from evcli.io.checkpoint import read_safetensors
+from evcli.ops.nm import is_nm, nm_mask
+from evcli.recipe import resolve_recipe
+from evcli.testing import make_image_folder, run_cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine run many times faster on one thread (no OpenMP contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=8, size=16)
+
+
+def _tiny(folder: Path) -> list[str]:
+    return [
+        "--model",
+        "test_resnet",
+        "--img-size",
+        "16",
+        "-b",
+        "4",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--data",
+        str(folder),
+        "--set",
+        "sparsify.update_every=step",
+        "--set",
+        "train.log_every=1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "method_args,nm",
+    [
+        (["--nm", "2:4"], True),  # lbc by default
+        (["--method", "srste", "--nm", "2:4"], True),
+        (["--method", "magnitude", "--nm", "1:4"], True),
+        (["--sparsity", "0.9"], False),  # optg by default
+        (["--method", "magnitude", "--sparsity", "0.8"], False),
+    ],
+)
+def test_methods_train_to_their_pattern(folder: Path, tmp_path: Path, method_args: list[str], nm: bool):
+    r = run_cli(["sparsify", *_tiny(folder), *method_args, "-o", str(tmp_path / "run"), "--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)
+    m = report["metrics"]
+    run = tmp_path / "run"
+    assert (run / "sparsity.png").stat().st_size > 1000 and (run / "final.safetensors").exists()
+    layers = json.loads((run / "sparsity.json").read_text())["layers"]
+    assert len(layers) == 14  # test_resnet: 16 convs/linears minus stem and classifier
+    final = load_file(str(run / "final.safetensors"))
+    if nm:
+        n = 1 if "1:4" in method_args else 2
+        assert m["nm_exact"] == 1.0 and m["sparsity"] == pytest.approx(1 - n / 4)
+        assert all(is_nm(final[f"{row['layer']}.weight"], n, 4) for row in layers)
+        assert torch.count_nonzero(final["fc.weight"]) == final["fc.weight"].numel()  # classifier dense
+    else:
+        target = float(method_args[-1])
+        assert report["method"] in ("optg", "magnitude")
+        assert m["sparsity"] == pytest.approx(target, abs=2e-3)
+        total = sum(row["weights"] for row in layers)
+        zeros = sum(row["weights"] - row["nonzeros"] for row in layers)
+        assert zeros / total == pytest.approx(target, abs=2e-3)
+
+
+def test_lbc_export_verify_pack_bench(folder: Path, tmp_path: Path):
+    run = tmp_path / "lbc"
+    r = run_cli(["sparsify", *_tiny(folder), "--nm", "2:4", "-o", str(run)])
+    assert r.code == 0, r.stderr
+    assert "exact 2:4 from epoch" in r.stderr and "dense: conv1.0, fc" in r.stderr
+    r = run_cli(["sparsify", "export", str(run), "--which", "last", "--json"])
+    assert r.code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["verified"] and res["pattern"] == "2:4"
+    exported = load_file(res["weights"])
+    assert not any("alpha" in k or "score" in k or "mask" in k for k in exported)
+    final = load_file(str(run / "final.safetensors"))
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    p = res["packed"]
+    assert p["layers_ratio"] == pytest.approx(0.5625) and p["layers_ratio"] <= 0.6
+    assert p["file_bytes"] == Path(p["packed_file"]).stat().st_size < p["dense_fp16_bytes"]
+    from safetensors import safe_open
+
+    with safe_open(p["packed_file"], framework="pt") as fh:
+        assert json.loads(fh.metadata()["evcli"])["kind"] == "packed_nm"
+        assert "layer1.0.conv1.weight.values" in fh.keys()
+
+    r = run_cli(["sparsify", "verify", res["weights"], "--nm", "2:4"])
+    assert r.code == 0, r.stderr
+    assert "layer4.0.conv2" in r.stdout and "ok" in r.stdout
+    r = run_cli(["sparsify", "verify", res["weights"], "--nm", "1:4", "--json"])
+    assert r.code == 1
+    out = json.loads(r.stdout)
+    assert not out["ok"] and "layer1.0.conv1" in out["failing"]
+    assert "error:" in r.stderr and "layer1.0.conv1" in r.stderr
+
+    r = run_cli(["sparsify", "bench", res["weights"], "--json"])
+    assert r.code == 0, r.stderr
+    b = json.loads(r.stdout)
+    assert "CPU" in b["runtime"] and "no CPU speedup is claimed" in b["speed_claim"] and b["speed"] == []
+    assert b["macs_sparse_ideal"] < b["macs_dense"] and b["targeted_nonzeros"] * 2 == b["targeted_weights"]
+
+    r = run_cli(["sparsify", "eval", str(run / "final.safetensors"), "--json"])
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_optg_export_verifies_stated_sparsity(folder: Path, tmp_path: Path):
+    run = tmp_path / "optg"
+    r = run_cli(["sparsify", *_tiny(folder), "--method", "optg", "--sparsity", "0.9", "-o", str(run)])
+    assert r.code == 0, r.stderr
+    r = run_cli(["sparsify", "export", str(run), "--json"])
+    assert r.code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["verified"] and res["packed"] is None
+    assert run_cli(["sparsify", "verify", res["weights"]]).code == 0
+    r = run_cli(["sparsify", "verify", res["weights"], "--sparsity", "0.95"])
+    assert r.code == 1 and "overall sparsity" in r.stderr
+
+
+def test_vit_lbc_uses_linear_layers(tmp_path: Path, folder: Path):
+    args = _tiny(folder)
+    args[1] = "test_vit"
+    r = run_cli(["sparsify", *args, "--patch-size", "4", "--max-steps", "2", "-o", str(tmp_path / "vit"), "--json"])
+    assert r.code == 0, r.stderr
+    assert "on 24 layers" in r.stderr and "patch_embed.proj" in r.stderr
+    assert json.loads(r.stdout)["metrics"]["nm_exact"] == 1.0
+
+
+BAD = [
+    (["--nm", "5:4"], 2, "N < M"),
+    (["--nm", "2:0"], 2, "M >= 1"),
+    (["--nm", "a:b"], 2, "must look like 2:4"),
+    (["--nm", "2-4"], 2, "must look like 2:4"),
+    (["--nm", "2:4", "--sparsity", "0.9"], 2, "cannot be combined"),
+    (["--sparsity", "1.5"], 2, "must be in (0, 1)"),
+    (["--sparsity", "0"], 2, "must be in (0, 1)"),
+    (["--sparsity", "-0.2"], 2, "must be in (0, 1)"),
+    (["--method", "optg"], 2, "needs --sparsity"),
+    (["--method", "lbc", "--sparsity", "0.5"], 2, "trains N:M"),
+    (["--nm", "3:7"], 2, "has no layer that can take 3:7"),
+    (["--set", "sparsify.targets=re:nothing"], 2, None),
+    (["--set", "sparsify.t_i=60%", "--set", "sparsify.t_f=50%"], 2, "must come after"),
+]
+
+
+@pytest.mark.parametrize("args,code,message", BAD)
+def test_bad_input_one_line_and_exit_code(folder: Path, tmp_path: Path, args: list[str], code: int, message: str):
+    r = run_cli(["sparsify", *_tiny(folder), *args, "-o", str(tmp_path / "bad")])
+    assert r.code == code, r.stderr
+    assert r.stderr.count("error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    if message:
+        assert message in r.stderr
+
+
+def test_bad_targets_pattern_in_recipe(tmp_path: Path, folder: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("evcli: 1\ncommand: sparsify\nsparsify:\n  targets: ['re:layer[1-4']\n")
+    r = run_cli(["sparsify", *_tiny(folder), "--recipe", str(recipe)])
+    assert r.code == 2 and "bad regular expression" in r.stderr
+    recipe.write_text("evcli: 1\ncommand: sparsify\nsparsify:\n  ignore: [nope_layer]\n")
+    r = run_cli(["sparsify", *_tiny(folder), "--recipe", str(recipe), "-o", str(tmp_path / "x")])
+    assert r.code == 2 and "matches no Conv2d/Linear layer" in r.stderr
+
+
+def test_verify_bad_files(tmp_path: Path):
+    w = torch.randn(4, 8)
+    save_file({"a.weight": w, "b.weight": w * nm_mask(w, 2, 4)}, str(tmp_path / "foreign.safetensors"))
+    r = run_cli(["sparsify", "verify", str(tmp_path / "foreign.safetensors"), "--nm", "2:4"])
+    assert r.code == 1 and "error:" in r.stderr and "1 failing: a" in r.stderr
+    r = run_cli(["sparsify", "verify", str(tmp_path / "foreign.safetensors"), "--nm", "5:4"])
+    assert r.code == 2 and "N < M" in r.stderr
+    r = run_cli(["sparsify", "verify", str(tmp_path / "foreign.safetensors")])
+    assert r.code == 2 and "--nm 2:4" in r.stderr
+    (tmp_path / "model.pt").write_bytes(b"\x80\x04junk")
+    r = run_cli(["sparsify", "verify", str(tmp_path / "model.pt"), "--nm", "2:4"])
+    assert r.code == 3 and "never unpickles" in r.stderr
+    r = run_cli(["sparsify", "verify", str(tmp_path / "missing.safetensors"), "--nm", "2:4"])
+    assert r.code == 3
+
+
+def test_init_from_dense_weights_magnitude_mask(tmp_path: Path, folder: Path):
+    import timm
+
+    from evcli.io.checkpoint import save_weights
+
+    torch.manual_seed(3)
+    dense = timm.create_model("test_resnet", num_classes=3)
+    save_weights(tmp_path / "dense.safetensors", dense.state_dict(), {})
+    args = _tiny(folder) + ["--method", "magnitude", "--nm", "2:4", "--lr", "1e-12", "--max-steps", "1"]
+    r = run_cli(["sparsify", *args, "--init-from", str(tmp_path / "dense.safetensors"), "-o", str(tmp_path / "r")])
+    assert r.code == 0, r.stderr
+    assert "weights: loaded" in r.stderr
+    final = load_file(str(tmp_path / "r" / "final.safetensors"))
+    w = dense.state_dict()["layer2.0.conv2.weight"]
+    # the one-shot mask at t_i = 0 is the 2:4 magnitude mask of the loaded dense weights (ASP style)
+    assert torch.equal(final["layer2.0.conv2.weight"] != 0, nm_mask(w, 2, 4).bool())
+
+
+def _flags(folder: Path, out: Path, **extra: object) -> dict:
+    flags = {
+        "model.name": "test_resnet",
+        "data.img_size": 16,
+        "data.path": str(folder),
+        "data.batch_size": 4,
+        "data.workers": 0,
+        "data.hflip": 0.0,
+        "schedule.epochs": 3,
+        "schedule.warmup": "2step",
+        "train.eval_every": "1ep",
+        "train.log_every": 1,
+        "out.dir": str(out),
+    }
+    flags.update(extra)
+    return flags
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    original = Trainer._train_step
+
+    def patched(self: Trainer, batches):  # noqa: ANN001
+        out = original(self, batches)
+        if self.ctx.step + 1 == step:
+            self._interrupt = True
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", patched)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"sparsify.method": "lbc", "sparsify.nm": "2:4"},
+        {"sparsify.method": "optg", "sparsify.sparsity": 0.8},
+    ],
+    ids=["lbc", "optg"],
+)
+def test_resume_after_interrupt_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict):
+    small = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=16, val_per_class=1)
+    full = run_training(resolve_recipe("sparsify", flags=_flags(small, tmp_path / "full", **extra)))
+    assert full["steps"] == 9  # 12 images / batch 4 = 3 steps per epoch, 3 epochs (schedule per epoch)
+    with monkeypatch.context() as m:
+        _stop_at(m, 4)  # mid-epoch 1, after LBC's first removal / OptG's second mask
+        with pytest.raises(Interrupted):
+            run_training(resolve_recipe("sparsify", flags=_flags(small, tmp_path / "split", **extra)))
+    recipe, ckpt = prepare_resume("sparsify", tmp_path / "split", {}, [], force=False)
+    resumed = run_training(recipe, resume_checkpoint=ckpt)
+    a, b = (
+        load_file(str(tmp_path / "full" / "final.safetensors")),
+        load_file(str(tmp_path / "split" / "final.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, _ = read_safetensors(tmp_path / "full" / "checkpoints" / "last.safetensors", "checkpoint")
+    sb, _ = read_safetensors(tmp_path / "split" / "checkpoints" / "last.safetensors", "checkpoint")
+    method_keys = [k for k in sa if k.startswith("state.method.")]
+    assert method_keys and all(torch.equal(sa[k], sb[k]) for k in method_keys)
+    assert full["metrics"] == resumed["metrics"]
+    if extra["sparsify.method"] == "lbc":
+        meta = read_safetensors(tmp_path / "split" / "checkpoints" / "last.safetensors", "checkpoint")[1]
+        assert meta["state"]["method"]["k"] == 5 and meta["state"]["method"]["frozen"] is True
+
+
+def test_tiny_recipes_run(tmp_path: Path, folder: Path):
+    for name in ("sparsify/tiny_lbc", "sparsify/tiny_optg"):
+        r = run_cli(["sparsify", "--recipe", name, "--data", str(folder), "-o", str(tmp_path / name), "--json"])
+        assert r.code == 0, r.stderr
+        assert json.loads(r.stdout)["steps"] == 3  # 24 images / batch 8: one epoch ends before max_steps 4
+
+
+@pytest.mark.parametrize(
+    "args", [["sparsify", "--help"], ["sparsify", "verify", "--help"], ["sparsify", "bench", "--help"]]
+)
+def test_help_does_not_import_torch(args: list[str]):
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "evcli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=120,
+    )
+    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+    assert "torch" not in modules and "timm" not in modules
+
+
+@pytest.mark.slow
+def test_design_card_example_verbatim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`evcli sparsify --nm 2:4 --model resnet50` on the built-in data (several minutes on 2 cores)."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli(["sparsify", "--nm", "2:4", "--model", "resnet50", "--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["metrics"]["nm_exact"] == 1.0 and report["metrics"]["top1"] > 10.0
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_launch(tmp_path: Path, folder: Path):
+    """LBC scores live outside the DDP model: their gradients are averaged by the method; 2 CPU processes."""
+    from evcli.testing import launch_two_processes
+
+    proc = launch_two_processes(["sparsify", *_tiny(folder), "-o", str(tmp_path / "ddp"), "--json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and report["metrics"]["nm_exact"] == 1.0
