@@ -8,10 +8,20 @@ from pathlib import Path
 import typer
 
 from evcli.cli.common import (
+    BatchSizeOption,
+    ForceOption,
+    GradAccumOption,
     JsonOption,
+    MaxStepsOption,
+    Precision,
+    PrecisionOption,
     QuietOption,
     RecipeOption,
+    ResumeOption,
+    SeedOption,
     SetOption,
+    WeightsOption,
+    WorkersOption,
     find_recipe,
     print_result,
     recipe_flags,
@@ -62,12 +72,6 @@ class SparsifyMethodName(str, Enum):
     dense = "dense"
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
 @app.callback()
 def train(
     ctx: typer.Context,
@@ -90,9 +94,7 @@ def train(
         None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).", show_default=False
     ),
     patch_size: int = typer.Option(None, "--patch-size", help="ViT patch size.", show_default=False),
-    weights: Path = typer.Option(
-        None, "--weights", help="Pretrained weights, a local .safetensors file.", show_default=False
-    ),
+    weights: Path = WeightsOption,
     init_from: Path = typer.Option(
         None, "--init-from", help="Start from a (dense) run's weights: run folder or .safetensors.", show_default=False
     ),
@@ -104,29 +106,23 @@ def train(
         show_default=False,
     ),
     epochs: int = typer.Option(None, "--epochs", help="Training epochs (default: 4).", show_default=False),
-    max_steps: int = typer.Option(
-        None, "--max-steps", help="Stop after this many optimizer steps.", show_default=False
-    ),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size per process.", show_default=False),
+    max_steps: int = MaxStepsOption,
+    batch_size: int = BatchSizeOption,
     lr: float = typer.Option(
         None,
         "--lr",
         help="Learning rate at batch 256, scaled to the global batch (default: 0.1, SGD).",
         show_default=False,
     ),
-    seed: int = typer.Option(None, "--seed", help="Random seed.", show_default=False),
-    mixed_precision: Precision = typer.Option(
-        None, "--mixed-precision", help="no, bf16 or fp16 (CUDA).", show_default=False
-    ),
-    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.", show_default=False),
-    workers: int = typer.Option(None, "--workers", help="Data-loading worker processes.", show_default=False),
+    seed: int = SeedOption,
+    mixed_precision: Precision = PrecisionOption,
+    grad_accum: int = GradAccumOption,
+    workers: int = WorkersOption,
     out: Path = typer.Option(
         None, "--out", "-o", help="Run folder (default: runs/sparsify/<time>-<model>-<method>).", show_default=False
     ),
-    resume: Path = typer.Option(
-        None, "--resume", help="Continue the run in this folder exactly where it stopped.", show_default=False
-    ),
-    force: bool = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule."),
+    resume: Path = ResumeOption,
+    force: bool = ForceOption,
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
