@@ -244,3 +244,15 @@ def test_help_is_fast_and_does_not_import_torch(args: list[str]):
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
     assert proc.returncode == 0 and "Usage" in proc.stdout
     assert "torch" not in modules
+
+
+def test_deshadow_trains_in_two_processes(tmp_path: Path):
+    """The same engine path under `accelerate launch` (2 CPU processes, DDP over gloo)."""
+    from evcli.testing import launch_two_processes
+
+    args = ["deshadow", "train", "--recipe", "deshadow/tiny", "--max-steps", "2", "-o", str(tmp_path / "d"), "--json"]
+    proc = launch_two_processes(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and report["steps"] == 2
+    assert report["metrics"]["images"] == 2.0  # every val image counted once over both processes
