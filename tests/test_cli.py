@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from evcli.testing import TINY_ARGS, make_image_folder, run_cli
-
-
-def _imports_torch(args: list[str], env: dict[str, str] | None = None) -> tuple[bool, str]:
-    """Run ``python -m evcli ARGS`` with -X importtime; return whether torch was imported, and stdout."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "evcli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
-    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
-    return "torch" in modules or "timm" in modules, proc.stdout
+from evcli.testing import TINY_ARGS, imports_torch, make_image_folder, run_cli
 
 
 @pytest.mark.parametrize("args", [["--help"], ["mix", "--help"], ["recipe", "--help"], ["recipe", "list"]])
 def test_help_does_not_import_torch(args: list[str]):
-    imported, out = _imports_torch(args)
+    imported, out = imports_torch(args)
     assert not imported
     assert "Usage" in out or "recipes" in out
 
 
 def test_completion_does_not_import_torch():
-    imported, out = _imports_torch(
+    imported, out = imports_torch(
         [], env={"_EVCLI_COMPLETE": "complete_bash", "COMP_WORDS": "evcli mi", "COMP_CWORD": "1"}
     )
     assert not imported

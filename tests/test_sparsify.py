@@ -4,9 +4,6 @@ the right exit code; resume is bit-exact for LBC and OptG; --init-from a dense m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from evcli.errors import Interrupted
 from evcli.io.checkpoint import read_safetensors
 from evcli.ops.nm import is_nm, nm_mask
 from evcli.recipe import resolve_recipe
-from evcli.testing import make_image_folder, run_cli
+from evcli.testing import imports_torch, make_image_folder, run_cli
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -301,16 +298,8 @@ def test_tiny_recipes_run(tmp_path: Path, folder: Path):
     "args", [["sparsify", "--help"], ["sparsify", "verify", "--help"], ["sparsify", "bench", "--help"]]
 )
 def test_help_does_not_import_torch(args: list[str]):
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "evcli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-        timeout=120,
-    )
-    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
-    assert proc.returncode == 0 and "Usage" in proc.stdout
-    assert "torch" not in modules and "timm" not in modules
+    imported, out = imports_torch(args)
+    assert not imported and "Usage" in out
 
 
 @pytest.mark.slow

@@ -120,3 +120,19 @@ def launch_two_processes(args: list[str], timeout: int = 300):  # noqa: ANN201 -
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def imports_torch(args: list[str], env: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Run ``python -m evcli ARGS`` with ``-X importtime``: (whether torch or timm got imported, stdout)."""
+    import os
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "evcli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+    modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
+    return "torch" in modules or "timm" in modules, proc.stdout
