@@ -29,18 +29,13 @@ def check_pattern(pattern: str, key: str) -> None:
 
 
 def parse_nm_text(text: str) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4) without torch (the same rules as ``evcli.ops.nm.parse_nm``)."""
-    m = re.match(r"^\s*(\d+)\s*:\s*(\d+)\s*$", str(text))
-    if not m:
-        raise RecipeError(f"--nm / sparsify.nm must look like 2:4 (N:M, N kept of every M), got {text!r}")
-    n, big_m = int(m.group(1)), int(m.group(2))
-    if n < 1 or big_m < 1:
-        raise RecipeError(f"--nm / sparsify.nm needs N >= 1 and M >= 1, got {text!r}")
-    if n >= big_m:
-        raise RecipeError(f"--nm / sparsify.nm needs N < M (N weights kept of every M), got {text!r}")
-    if big_m > 16:
-        raise RecipeError(f"--nm / sparsify.nm supports M <= 16, got {text!r}")
-    return n, big_m
+    """``"2:4"`` -> (2, 4) for the recipe (``evcli.ops.nm_pattern.parse_nm``, errors as RecipeError)."""
+    from evcli.ops.nm_pattern import parse_nm
+
+    try:
+        return parse_nm(text)
+    except ValueError as exc:
+        raise RecipeError(f"--nm / sparsify.nm: {exc}") from exc
 
 
 @register_command(
