@@ -132,3 +132,25 @@ def print_result(obj: dict[str, Any], as_json: bool, title: str, rows: list[tupl
     for k, v in rows:
         table.add_row(k, v)
     out_console.print(table)
+
+
+def evaluate_weights(
+    command: str, weights: Path, recipe: str | None, flags: dict[str, Any], sets: list[str] | None
+) -> dict[str, Any]:
+    """Evaluate a weights file or run folder with the recipe it was trained with (plus flags and --set)."""
+    from evcli.engine.run import evaluation_recipe, run_evaluation
+
+    rec = evaluation_recipe(command, weights, find_recipe(recipe), recipe_flags(flags), sets or [])
+    return run_evaluation(rec, weights)
+
+
+def classifier_eval_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The table rows of a classifier evaluation report."""
+    m = report["metrics"]
+    return [
+        ("weights", report["weights"]),
+        ("model", report["model"]),
+        ("data", report["data"]),
+        ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+        ("val loss", f"{m['loss']:.4f}"),
+    ]

@@ -26,7 +26,8 @@ from evcli.cli.common import (
     SetOption,
     WeightsOption,
     WorkersOption,
-    find_recipe,
+    classifier_eval_rows,
+    evaluate_weights,
     print_result,
     recipe_flags,
     setup_output,
@@ -205,26 +206,9 @@ def evaluate(
 ) -> None:
     """Evaluate weights on the val split: top-1 / top-5 accuracy and loss."""
     setup_output(quiet)
-    from evcli.engine.run import evaluation_recipe, run_evaluation
-
-    flags = recipe_flags(
-        {"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
-    )
-    rec = evaluation_recipe("mix", weights, find_recipe(recipe), flags, sets or [])
-    report = run_evaluation(rec, weights)
-    m = report["metrics"]
-    print_result(
-        report,
-        json_out,
-        "evcli mix eval",
-        [
-            ("weights", report["weights"]),
-            ("model", report["model"]),
-            ("data", report["data"]),
-            ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
-            ("val loss", f"{m['loss']:.4f}"),
-        ],
-    )
+    flags = {"model.name": model, "data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size}
+    report = evaluate_weights("mix", weights, recipe, flags, sets)
+    print_result(report, json_out, "evcli mix eval", classifier_eval_rows(report))
 
 
 @app.command("export")

@@ -22,7 +22,8 @@ from evcli.cli.common import (
     SetOption,
     WeightsOption,
     WorkersOption,
-    find_recipe,
+    classifier_eval_rows,
+    evaluate_weights,
     print_result,
     recipe_flags,
     setup_output,
@@ -205,25 +206,15 @@ def evaluate(
 ) -> None:
     """Evaluate weights on the val split: top-1 / top-5, loss and the sparsity of the targeted layers."""
     setup_output(quiet)
-    from evcli.engine.run import evaluation_recipe, run_evaluation
-
-    flags = recipe_flags({"data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size})
-    rec = evaluation_recipe("sparsify", weights, find_recipe(recipe), flags, sets or [])
-    report = run_evaluation(rec, weights)
-    m = report["metrics"]
-    print_result(
-        report,
-        json_out,
-        "evcli sparsify eval",
-        [
-            ("weights", report["weights"]),
-            ("model", report["model"]),
-            ("data", report["data"]),
-            ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
-            ("val loss", f"{m['loss']:.4f}"),
-            ("sparsity (targeted layers)", f"{100 * m.get('sparsity', 0.0):.2f}%"),
-        ],
+    report = evaluate_weights(
+        "sparsify",
+        weights,
+        recipe,
+        {"data.img_size": img_size, "data.path": data, "data.eval_batch_size": batch_size},
+        sets,
     )
+    sparsity = ("sparsity (targeted layers)", f"{100 * report['metrics'].get('sparsity', 0.0):.2f}%")
+    print_result(report, json_out, "evcli sparsify eval", [*classifier_eval_rows(report), sparsity])
 
 
 @app.command("export")
