@@ -3,19 +3,23 @@
 shadow area. Writes bench/results/deshadow.json.
 
 Quality: the built-in val set (rendered shadows on the held-out photos ``coffee`` and scikit-learn's
-``china.jpg``), for identity, colour transfer and LAB-Net with the shipped default weights, under both
-resize policies. SADC has no shipped weights (see docs/deshadow.md), so its quality is not measured here.
+``china.jpg``), for identity, colour transfer, and LAB-Net and SADC with the shipped default weights, under
+both resize policies.
 
-Timing: all timed variants run interleaved in one process (round-robin, median of rounds), because other
-jobs share the machine's cores; peak memory is measured once per model in a child process (VmHWM).
+Timing: all timed variants run interleaved in one process (round-robin, median of rounds), so load from
+other jobs on the machine hits them alike; the reference rate is the faster of the two memory formats of a
+dense 3x3 conv. LAB-Net runs as eager NCHW, eager channels-last (what ``evcli deshadow`` uses) and
+torch.compile (inductor, frozen weights, channels-last). Peak memory is measured once per model in a child
+process (VmHWM).
 
-    python bench/deshadow.py [--rounds 3] [--val-images 16] [--val-size 128]
+    python bench/deshadow.py [--rounds 2] [--val-images 16] [--val-size 128] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -48,6 +52,10 @@ def build_labnet(channels_last: bool = False) -> torch.nn.Module:
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
+def build_labnet_cl() -> torch.nn.Module:
+    return build_labnet(True)
+
+
 def build_sadc(sparse: bool = True) -> torch.nn.Module:
     from evcli.methods.deshadow.layers import vgg16_features
     from evcli.methods.deshadow.sadc import SADCNet
@@ -65,7 +73,12 @@ def quality(n_images: int, size: int) -> dict:
     data = BuiltinShadowDataset(VAL_PHOTOS, n_images, size, seed=0, train=False)
     samples = [data[(0, i)] for i in range(len(data))]
     results: dict = {}
-    for name in ("identity", "colour_transfer", "labnet"):
+    from evcli.methods.deshadow.infer import shipped_weights
+
+    for name in ("identity", "colour_transfer", "labnet", "sadc"):
+        if name in ("labnet", "sadc") and shipped_weights(name) is None:
+            results[name] = {"weights": "none shipped"}
+            continue
         remover = load_remover(name)
         accs = {p: ShadowMetrics(p) for p in ("256x256", "full")}
         with torch.no_grad():
@@ -74,7 +87,9 @@ def quality(n_images: int, size: int) -> dict:
                 pred = remover.model(s["shadow"][None], mask).clamp(0, 1)
                 for acc in accs.values():
                     acc.update(pred, s["free"][None], mask)
-        results[name] = {"weights": remover.weights, **{p: a.summary() for p, a in accs.items()}}
+        learned = name in ("labnet", "sadc")
+        weights = f"shipped {Path(remover.weights).name}" if learned else remover.weights
+        results[name] = {"weights": weights, **{p: a.summary() for p, a in accs.items()}}
     return {"images": len(samples), "size": size, "photos": list(VAL_PHOTOS), "methods": results}
 
 
@@ -93,12 +108,42 @@ def peak_memory_child(model: str) -> float:
     return round((peak - base) / 1024.0, 1)  # KiB -> MiB
 
 
+class DynTimer:
+    """Wall time spent inside a model's SADC DynConv layers (forward pre/post hooks; CPU ops are synchronous)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from evcli.methods.deshadow.sadc import DynConv
+
+        self.layers = [m for m in model.modules() if isinstance(m, DynConv)]
+        self.total, self._t0 = 0.0, 0.0
+        for m in self.layers:
+            m.register_forward_pre_hook(self._start)
+            m.register_forward_hook(self._stop)
+
+    def _start(self, *args) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *args) -> None:
+        self.total += time.perf_counter() - self._t0
+
+    def heavy_fraction(self) -> float:
+        return sum(m.last_heavy_fraction for m in self.layers) / len(self.layers)
+
+
+def compile_labnet(net: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> tuple[object, float]:
+    """torch.compile (inductor, frozen weights) of a channels-last LAB-Net; returns it and the compile time."""
+    compiled = torch.compile(net, options={"freezing": True})
+    t0 = time.perf_counter()
+    compiled(x, mask)
+    return compiled, time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--val-images", type=int, default=16)
     ap.add_argument("--val-size", type=int, default=128)
-    ap.add_argument("--area-size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of LAB-Net")
     args = ap.parse_args()
     torch.manual_seed(0)
     report: dict = {
@@ -108,7 +153,7 @@ def main() -> None:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "note": "2 shared cores (other jobs ran alongside): compare ratios from the same run",
+            "load_average_before": list(os.getloadavg()),
         },
     }
     print("quality ...", file=sys.stderr)
@@ -116,76 +161,121 @@ def main() -> None:
 
     h, w = 480, 640
     x, mask = torch.rand(1, 3, h, w), _mask(h, w, 0.15)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     labnet, labnet_cl, sadc = build_labnet(), build_labnet(True), build_sadc(True)
+    labnet_cl.load_state_dict(labnet.state_dict())
     sadc_dense = build_sadc(False)
     sadc_dense.load_state_dict(sadc.state_dict())
     print("counting MACs ...", file=sys.stderr)
     macs = {"labnet": count_macs(labnet, x, mask), "sadc_dense": count_macs(sadc_dense, x, mask)}
     conv = torch.nn.Conv2d(48, 48, 3, padding=1, bias=False).eval()
+    conv_cl = torch.nn.Conv2d(48, 48, 3, padding=1, bias=False).eval().to(memory_format=torch.channels_last)
     conv_x = torch.rand(1, 48, 256, 256)
+    conv_x_cl = conv_x.contiguous(memory_format=torch.channels_last)
     conv_macs = 48 * 48 * 9 * 256 * 256
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    cw, ch = args.area_size
-    xa = torch.rand(1, 3, ch, cw)
-    areas = (0.0, 0.1, 0.25, 0.5)
+    areas = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
+    timer = DynTimer(sadc)
+    timer_dense = DynTimer(sadc_dense)
+    fractions: dict[float, float] = {}
+    dyn_times: dict[str, list[float]] = {}
+
+    def sadc_at(model: torch.nn.Module, t: DynTimer, key: str, area: float) -> None:
+        t.total = 0.0
+        model(x, _mask(h, w, area))
+        dyn_times.setdefault(key, []).append(t.total)
+        if model is sadc:
+            fractions[area] = t.heavy_fraction()
+
     variants = {
         "conv3x3_48": lambda: conv(conv_x),
+        "conv3x3_48_channels_last": lambda: conv_cl(conv_x_cl),
         "labnet": lambda: labnet(x, mask),
         "labnet_channels_last": lambda: labnet_cl(x_cl, mask),
-        "sadc_sparse": lambda: sadc(x, mask),
-        "sadc_dense": lambda: sadc_dense(x, mask),
-        "sadc_dense_small": lambda: sadc_dense(xa, _mask(ch, cw, 0.25)),  # dense cost does not depend on area
-        **{f"sadc_sparse_area_{a}": (lambda a=a: sadc(xa, _mask(ch, cw, a))) for a in areas},
+        "sadc_dense": lambda: sadc_at(sadc_dense, timer_dense, "sadc_dense", 0.15),
+        **{f"sadc_sparse_area_{a}": (lambda a=a: sadc_at(sadc, timer, f"sadc_sparse_area_{a}", a)) for a in areas},
     }
+    compile_info: dict = {"used": False}
+    if not args.no_compile:
+        print("compiling LAB-Net (inductor) ...", file=sys.stderr)
+        try:
+            with torch.no_grad():
+                labnet_compiled, seconds = compile_labnet(build_labnet_cl(), x_cl, mask)
+            compiled_net = labnet_compiled
+            variants["labnet_compiled"] = lambda: compiled_net(x_cl, mask)
+            compile_info = {"used": True, "compile_s": seconds, "options": {"freezing": True}}
+        except Exception as e:  # no C++ compiler, unsupported platform: record and go on
+            compile_info = {"used": False, "error": f"{type(e).__name__}: {e}"[:300]}
     times: dict[str, list[float]] = {k: [] for k in variants}
     with torch.no_grad():
-        for _ in range(3):  # warm-up of the small reference kernel only (the big models warm up in round 1)
+        for _ in range(3):  # warm-up of the small reference kernels only (the big models warm up in round 1)
             conv(conv_x)
+            conv_cl(conv_x_cl)
         for r in range(args.rounds):
             print(f"timing round {r + 1}/{args.rounds} ...", file=sys.stderr)
             for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-                if name == "conv3x3_48":  # the reference rate is cheap: sample it more often
-                    for _ in range(4):
-                        t0 = time.perf_counter()
-                        fn()
-                        times[name].append(time.perf_counter() - t0)
+                reps = 5 if name.startswith("conv3x3") else 1  # the reference kernels are cheap: sample more
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    rate = conv_macs / med["conv3x3_48"]
+    rates = {k: conv_macs / med[k] for k in ("conv3x3_48", "conv3x3_48_channels_last")}
+    rate = max(rates.values())
     report["dense_conv_rate"] = {
-        "what": "Conv2d 48->48 3x3, input 1x48x256x256, fp32, median of rounds",
-        "seconds": med["conv3x3_48"],
+        "what": "Conv2d 48->48 3x3 (LAB-Net's widest), input 1x48x256x256, fp32, median; the faster memory format",
         "gmac_per_s": rate / 1e9,
+        "gmac_per_s_nchw": rates["conv3x3_48"] / 1e9,
+        "gmac_per_s_channels_last": rates["conv3x3_48_channels_last"] / 1e9,
     }
+
+    def eff(m: int, seconds: float) -> float:
+        return (m / rate) / seconds
+
+    lab = {
+        "macs_g": macs["labnet"] / 1e9,
+        "latency_nchw_s": med["labnet"],
+        "latency_channels_last_s": med["labnet_channels_last"],
+        "efficiency_nchw": eff(macs["labnet"], med["labnet"]),
+        "efficiency_channels_last": eff(macs["labnet"], med["labnet_channels_last"]),
+        "peak_memory_mib": peak_memory_child("labnet_cl"),
+        "compile": compile_info,
+    }
+    if "labnet_compiled" in med:
+        lab["latency_compiled_s"] = med["labnet_compiled"]
+        lab["efficiency_compiled"] = eff(macs["labnet"], med["labnet_compiled"])
     report["cost_640x480"] = {
         "counter": "evcli.methods.deshadow.cost.count_macs (conv + linear + ECA's functional Laplacian; "
         "attention matmuls, pooling, interpolation not counted); batch 1, 640x480, shadow mask 15% of the image",
-        "labnet": {
-            "macs_g": macs["labnet"] / 1e9,
-            "latency_s": med["labnet"],
-            "latency_channels_last_s": med["labnet_channels_last"],
-            "efficiency": (macs["labnet"] / rate) / med["labnet"],
-            "efficiency_channels_last": (macs["labnet"] / rate) / med["labnet_channels_last"],
-            "peak_memory_mib": peak_memory_child("labnet"),
-        },
+        "labnet": lab,
         "sadc": {
             "macs_dense_g": macs["sadc_dense"] / 1e9,
-            "latency_sparse_s": med["sadc_sparse"],
+            "latency_sparse_s": med["sadc_sparse_area_0.1"],
+            "latency_sparse_area": 0.1,
             "latency_dense_s": med["sadc_dense"],
-            "efficiency_dense": (macs["sadc_dense"] / rate) / med["sadc_dense"],
-            "peak_memory_mib": peak_memory_child("sadc"),
+            "efficiency_dense": eff(macs["sadc_dense"], med["sadc_dense"]),
+            "peak_memory_sparse_mib": peak_memory_child("sadc"),
             "note": "frozen random VGG16 hypercolumn (latency does not depend on its weights)",
         },
     }
+    dense_dyn = statistics.median(dyn_times["sadc_dense"])
     report["sadc_time_vs_shadow_area"] = {
-        "size": [cw, ch],
+        "size": [w, h],
+        "what": "whole network and its 8 DynConv layers (forward hooks); heavy_fraction = share of the dense "
+        "heavy-path outputs the sparse tiles computed (mean over layers; 1.0 = the dense fallback)",
+        "dense_s": med["sadc_dense"],
+        "dense_dynconv_s": dense_dyn,
         "rows": [
-            {"area": a, "sparse_s": med[f"sadc_sparse_area_{a}"], "dense_s": med["sadc_dense_small"]} for a in areas
+            {
+                "area": a,
+                "sparse_s": med[f"sadc_sparse_area_{a}"],
+                "sparse_dynconv_s": statistics.median(dyn_times[f"sadc_sparse_area_{a}"]),
+                "heavy_fraction": fractions[a],
+            }
+            for a in areas
         ],
     }
     report["raw_times"] = times
+    report["machine"]["load_average_after"] = list(os.getloadavg())
     out = ROOT / "results" / "deshadow.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -119,28 +119,39 @@ def test_sadc_parameter_counts_match_card(random_vgg: torch.nn.Sequential):
     assert abs(_params(net) - (16.71e6 - 0.68e6)) / 16.03e6 < 0.02  # card total minus its dead modules
 
 
-@pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 4)])
+@pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 4), (3, 16)])
 def test_dynconv_sparse_inference_equals_dense(kernel: int, dilation: int):
     torch.manual_seed(0)
     layer = DynConv(8, kernel, dilation).eval()
-    x = torch.randn(2, 8, 20, 24)
-    m = torch.zeros(2, 1, 20, 24)
-    m[0, :, 3:9, 5:12] = 1
-    m[1, :, 15:20, 0:4] = 1
+    h, w = 100, 134  # not whole tiles
+    x = torch.randn(2, 8, h, w)
+    m = torch.zeros(2, 1, h, w)
+    m[0, :, 3:9, 5:12] = 1  # at the top border: reflection of conv_a's output is read
+    m[0, :, 90:100, 120:134] = 1  # bottom-right corner, in the partial tiles
+    m[1, :, 40:45, 60:70] = 1
     layer.sparse = False
     dense = layer(x, m, m, m)
     layer.sparse = True
     sparse = layer(x, m, m, m)
+    assert layer.last_heavy_fraction < DynConv.SPARSE_BELOW  # the tiled path ran, not the dense fallback
     assert torch.allclose(dense, sparse, atol=1e-5)
     # non-shadow pixels take the light path only: x + act(depthwise(x))
     light = x + layer.light(x)
-    assert torch.allclose(sparse[0, :, 0, 0], light[0, :, 0, 0], atol=1e-6)
+    assert torch.allclose(sparse[:, :, 20, 30], light[:, :, 20, 30], atol=1e-6)
+    # no shadow: no heavy work at all; a shadow over most of the image: the dense path
+    assert torch.allclose(layer(x, torch.zeros_like(m), m, m), light) and layer.last_heavy_fraction == 0.0
+    full = torch.ones_like(m)
+    full[..., :2, :2] = 0
+    layer.sparse = False
+    dense = layer(x, full, full, full)
+    layer.sparse = True
+    assert torch.allclose(layer(x, full, full, full), dense, atol=1e-5) and layer.last_heavy_fraction == 1.0
 
 
 def test_sadc_network_sparse_equals_dense(random_vgg: torch.nn.Sequential):
     torch.manual_seed(0)
     net = SADCNet(random_vgg, channels=16).eval()
-    x, m = torch.rand(1, 3, 40, 36), torch.zeros(1, 1, 40, 36)
+    x, m = torch.rand(1, 3, 72, 100), torch.zeros(1, 1, 72, 100)
     m[..., 10:22, 8:20] = 1
     for layer in net.dyn:
         layer.sparse = False
@@ -148,6 +159,7 @@ def test_sadc_network_sparse_equals_dense(random_vgg: torch.nn.Sequential):
     for layer in net.dyn:
         layer.sparse = True
     assert torch.allclose(dense, net(x, m), atol=1e-4)
+    assert min(layer.last_heavy_fraction for layer in net.dyn) < DynConv.SPARSE_BELOW
 
 
 def test_kd_coefficient_cosine_ramp():

@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_writes_a_run_folder_and_report(tiny_run: Path):
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["method"] == "labnet" and report["steps"] == 3
-    assert report["vgg"] == "none (perceptual term off)" and report["eval_resize"] == "full"
+    assert report["vgg"] == "none (perceptual term off: its pixel-level L1 only)" and report["eval_resize"] == "full"
     m = report["metrics"]
     assert {"lab_mae_s", "lab_mae_ns", "lab_mae_all", "psnr", "ssim"} <= set(m)
     assert "built-in rendered shadows" in report["data"]
@@ -216,13 +216,16 @@ def test_sadc_trains_with_random_vgg_and_infers_sparsely(tmp_path: Path):
     assert r.code == 0, r.stderr
 
 
-def test_default_weights_ship_and_the_design_example_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("method", ["labnet", "sadc"])
+def test_default_weights_ship_and_the_design_example_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+):
     from evcli.methods.deshadow.infer import shipped_weights
 
-    assert shipped_weights("labnet") is not None
+    assert shipped_weights(method) is not None
     _photo(tmp_path / "image.png", size=(64, 48))
     monkeypatch.chdir(tmp_path)
-    r = run_cli(["deshadow", "image.png", "--method", "labnet"])
+    r = run_cli(["deshadow", "image.png", "--method", method])
     assert r.code == 0, r.stderr
     assert Image.open(tmp_path / "image_deshadow.png").size == (64, 48)
     assert (tmp_path / "image_deshadow_mask.png").exists()

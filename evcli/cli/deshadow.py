@@ -45,10 +45,11 @@ Both methods are mask-guided: give a shadow mask with --mask, or evcli estimates
 detector (Otsu threshold on CIE L + 0.5 b, cleaned by morphology) and writes it beside the output so you
 can check and correct it.
 
-Default weights ship inside the package for LAB-Net, trained on the built-in data: real photos shipped in
-scikit-image (astronaut, chelsea, rocket, camera, coins, brick, grass, gravel) and scikit-learn
-(flower.jpg) with rendered shadows (random occluder shapes, soft penumbra, bluish darkening, warm penumbra
-tint). They are a demo of the pipeline, not a match for weights trained on ISTD/SRD (use --weights).
+Default weights ship inside the package for LAB-Net (C=16) and SADC (C=32), trained on the built-in data:
+real photos shipped in scikit-image (astronaut, chelsea, rocket, camera, coins, brick, grass, gravel) and
+scikit-learn (flower.jpg) with rendered shadows (random occluder shapes, soft penumbra, bluish darkening,
+warm penumbra tint). They are small CPU-trained models, not a match for weights trained on ISTD/SRD (use
+--weights).
 
 Examples:
 
@@ -227,7 +228,10 @@ def train(
         None, "--vgg-weights", help="ImageNet VGG16 weights (.safetensors).", show_default=False
     ),
     perceptual: bool = typer.Option(
-        None, "--perceptual/--no-perceptual", help="The VGG16 perceptual loss term.", show_default=False
+        None,
+        "--perceptual/--no-perceptual",
+        help="The VGG16 levels of the perceptual loss (off: its pixel L1 only).",
+        show_default=False,
     ),
     eca_laplacian: str = typer.Option(
         None, "--eca-laplacian", help="LAB-Net ECA kernel: fixed (paper) or trainable (release).", show_default=False
@@ -291,7 +295,7 @@ def train(
 def vgg_description(cfg: Any) -> str:
     """Which VGG16 a run used (the report states it)."""
     if cfg.method == "labnet" and not cfg.perceptual:
-        return "none (perceptual term off)"
+        return "none (perceptual term off: its pixel-level L1 only)"
     if cfg.vgg == "random":
         return "random VGG16 (fixed seed)"
     return f"ImageNet VGG16 from {cfg.vgg_weights}" if cfg.vgg_weights else "ImageNet VGG16 from torchvision's cache"

@@ -58,7 +58,7 @@ class DeshadowConfig:
     sadc_morph: int = 7  # SADC: erosion/dilation square of the boundary rings
     sadc_sparse: bool = True  # SADC inference evaluates the heavy path only at shadow pixels
     # --- losses and schedule
-    perceptual: bool = True  # the VGG16 perceptual term (both methods)
+    perceptual: bool = True  # the VGG16 levels of the perceptual term (false: its pixel-level L1 only)
     vgg: Literal["pretrained", "random"] = "pretrained"  # VGG16 weights: ImageNet (papers) or random (SADC release)
     vgg_weights: str | None = None  # ImageNet VGG16 as .safetensors (else torchvision's local cache)
     labnet_loss: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])  # [perceptual, gradient, mse]

@@ -109,6 +109,9 @@ def load_remover(method: str | None, weights: str | Path | None = None, vgg_weig
         vgg, _ = vgg16_features(cfg.vgg, cfg.vgg_weights)
     model = DeshadowModel(cfg, vgg)
     load_model_weights(model, model_weights_from(tensors, meta), str(path), strict=True)
+    if cfg.method == "labnet":
+        # channels-last runs LAB-Net's small dilated convs about 2x faster on CPU (bench/deshadow.py)
+        model.net.to(memory_format=torch.channels_last)
     return Remover(model.eval(), cfg.method, str(path), cfg.mask_threshold_test, recipe)
 
 

@@ -41,10 +41,16 @@ class EnhancedChannelAttention(nn.Module):
         self.fc2 = nn.Linear(channels // reduction, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.channel_weights(x)[:, :, None, None]
+
+    def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights [N, C] that ``forward`` multiplies the input by."""
         edges = F.conv2d(x, self.kernel.to(x.dtype), groups=self.channels)
-        stat = edges.flatten(2).std(dim=2)
-        w = torch.sigmoid(self.fc2(F.leaky_relu(self.fc1(stat), 0.2)))
-        return x * w[:, :, None, None]
+        if edges.is_contiguous(memory_format=torch.channels_last) and not edges.is_contiguous():
+            stat = edges.permute(0, 2, 3, 1).flatten(1, 2).std(dim=1)  # channels-last: reduce without a copy
+        else:
+            stat = edges.flatten(2).std(dim=2)
+        return torch.sigmoid(self.fc2(F.leaky_relu(self.fc1(stat), 0.2)))
 
     def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
         """Multiply-accumulates of the functional depthwise 3x3 (for ``cost.count_macs``)."""
@@ -126,7 +132,15 @@ class BasicBlock(nn.Module):
         for branches, fuse in zip(self.groups, self.fuses):
             x = fuse(torch.cat([b(x) for b in branches], dim=1))
             feats.append(x)
-        return self.out(self.squeeze(self.eca(torch.cat(feats, dim=1))))
+        cat = torch.cat(feats, dim=1)
+        w = self.eca.channel_weights(cat)
+        if cat.shape[0] == 1 and not torch.is_grad_enabled():
+            # inference, one image: fold ECA's channel scaling into the 1x1 conv that follows,
+            # squeeze(x * w) = act((W diag(w)) x + b), instead of a pass over the 3C-channel map
+            sq = self.squeeze.conv
+            squeezed = F.leaky_relu(F.conv2d(cat, sq.weight * w[0, None, :, None, None], sq.bias), 0.2, inplace=True)
+            return self.out(squeezed)
+        return self.out(self.squeeze(cat * w[:, :, None, None]))
 
 
 class LABNet(nn.Module):

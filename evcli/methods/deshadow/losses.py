@@ -13,11 +13,15 @@ PERCEPTUAL_DIVISORS = (1.0, 2.6, 4.8, 3.7, 5.6, 0.15)  # raw input level, then t
 
 class PerceptualLoss(nn.Module):
     """Sum over six levels (the input itself and five frozen VGG16 slices) of L1 / divisor, applied to the
-    tensors as given (LAB-Net: LAB in [0, 1]; SADC: RGB in [0, 1]; no ImageNet normalisation)."""
+    tensors as given (LAB-Net: LAB in [0, 1]; SADC: RGB in [0, 1]; no ImageNet normalisation).
 
-    def __init__(self, features: nn.Sequential) -> None:
+    Without ``features`` (the recipe's ``perceptual: false``) only the first level remains, the plain L1
+    of the tensors: the VGG levels go, but SADC keeps an absolute-colour term (its other terms, Sobel
+    gradients and the distillation KL, are blind to a constant colour offset)."""
+
+    def __init__(self, features: nn.Sequential | None) -> None:
         super().__init__()
-        self.slices = nn.ModuleList(features[a:b] for a, b in PERCEPTUAL_SLICES)
+        self.slices = nn.ModuleList(features[a:b] for a, b in PERCEPTUAL_SLICES) if features is not None else []
         for p in self.parameters():
             p.requires_grad_(False)
 

@@ -51,7 +51,10 @@ class DeshadowModel(nn.Module):
     def forward_raw(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The network's own output space (LAB-Net: 8-bit LAB / 255; SADC: RGB)."""
         if self.method == "labnet":
-            return self.net(rgb_to_lab8(rgb), mask)
+            lab = rgb_to_lab8(rgb)
+            if self.net.convst.conv.weight.is_contiguous(memory_format=torch.channels_last):
+                lab = lab.contiguous(memory_format=torch.channels_last)  # see infer.load_remover
+            return self.net(lab, mask)
         vgg = self._vgg[0]
         if vgg is not None and next(vgg.parameters()).device != rgb.device:
             vgg.to(rgb.device)
@@ -101,7 +104,7 @@ class DeshadowMethod(Method):
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self.vgg: nn.Sequential | None = None
-        self.vgg_used = "none (perceptual term off)"
+        self.vgg_used = "none (perceptual term off: its pixel-level L1 only)"
         self.perceptual: nn.Module | None = None
 
     def _load_vgg(self) -> nn.Sequential:
@@ -133,10 +136,9 @@ class DeshadowMethod(Method):
         return [{"params": params, "weight_decay": self.recipe.optim.weight_decay, "lr_schedule": "method"}]
 
     def configure_optimizers(self, model: nn.Module, ctx: Any) -> list[torch.optim.Optimizer]:
-        if self.cfg.perceptual:
-            from evcli.methods.deshadow.losses import PerceptualLoss
+        from evcli.methods.deshadow.losses import PerceptualLoss
 
-            self.perceptual = PerceptualLoss(self._load_vgg()).to(ctx.device)
+        self.perceptual = PerceptualLoss(self._load_vgg() if self.cfg.perceptual else None).to(ctx.device)
         ctx.extras["vgg"] = self.vgg_used
         return super().configure_optimizers(model, ctx)
 
@@ -160,7 +162,7 @@ class DeshadowMethod(Method):
         raw = model(shadow, mask, raw=True)  # through the wrapper: DDP needs its forward for gradient sync
         target = rgb_to_lab8(free) if self.cfg.method == "labnet" else free
         grad = gradient_loss(raw, target)
-        perc = self.perceptual(raw, target) if self.perceptual is not None else raw.new_zeros(())
+        perc = self.perceptual(raw, target)
         logs: dict[str, torch.Tensor] = {"grad": grad.detach(), "perceptual": perc.detach()}
         if self.cfg.method == "labnet":
             wp, wg, wm = self.cfg.labnet_loss
