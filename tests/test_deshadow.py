@@ -322,3 +322,21 @@ def test_identity_init_makes_labnet_start_as_the_identity():
     m = torch.zeros(1, 1, 20, 20)
     m[..., 5:10, 5:10] = 1
     assert torch.allclose(net(lab, m), lab, atol=1e-6)
+
+
+def test_labnet_inference_path_equals_training_path_and_counts_the_same_macs():
+    from evcli.methods.deshadow.cost import count_macs
+
+    torch.manual_seed(0)
+    net = LABNet(8, lsa_size=16).eval()
+    x, m = torch.rand(1, 3, 48, 64), torch.zeros(1, 1, 48, 64)
+    m[..., 10:30, 20:40] = 1
+    with torch.no_grad():  # folded ECA scaling, in-place activations
+        fast = net(x, m)
+        fast_cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), m)
+        macs_fast = count_macs(net, x, m)
+    plain = net(x, m)  # with autograd: the unfused path
+    assert torch.allclose(fast, plain, atol=1e-5) and torch.allclose(fast_cl, plain, atol=1e-5)
+    # a batch of two takes the unfolded path (per-sample weights): same MACs per image
+    macs_plain = count_macs(net, torch.rand(2, 3, 48, 64), m.expand(2, -1, -1, -1)) // 2
+    assert macs_fast == macs_plain

@@ -40,14 +40,22 @@ class EnhancedChannelAttention(nn.Module):
         self.fc1 = nn.Linear(channels, channels // reduction)
         self.fc2 = nn.Linear(channels // reduction, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.channel_weights(x)[:, :, None, None]
+    def forward(self, x: torch.Tensor, scale: bool = True) -> torch.Tensor:
+        """``x`` rescaled by the attention weights, or (``scale=False``) the weights [N, C] themselves."""
+        w = self.channel_weights(x)
+        return x * w[:, :, None, None] if scale else w
 
     def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The attention weights [N, C] that ``forward`` multiplies the input by."""
         edges = F.conv2d(x, self.kernel.to(x.dtype), groups=self.channels)
         if edges.is_contiguous(memory_format=torch.channels_last) and not edges.is_contiguous():
-            stat = edges.permute(0, 2, 3, 1).flatten(1, 2).std(dim=1)  # channels-last: reduce without a copy
+            # channels-last: the std from the first two moments, one pass each without a copy (2.4x faster
+            # than aten's std over that layout); a Laplacian response has a mean near 0, no cancellation
+            flat = edges.permute(0, 2, 3, 1).flatten(1, 2)  # [N, HW, C]
+            n = flat.shape[1]
+            mean = flat.mean(dim=1)
+            var = ((flat * flat).sum(dim=1) - n * mean * mean) / max(n - 1, 1)
+            stat = var.clamp_min(0.0).sqrt()
         else:
             stat = edges.flatten(2).std(dim=2)
         return torch.sigmoid(self.fc2(F.leaky_relu(self.fc1(stat), 0.2)))
@@ -133,7 +141,7 @@ class BasicBlock(nn.Module):
             x = fuse(torch.cat([b(x) for b in branches], dim=1))
             feats.append(x)
         cat = torch.cat(feats, dim=1)
-        w = self.eca.channel_weights(cat)
+        w = self.eca(cat, scale=False)  # a module call: the MAC counter's hook sees the Laplacian
         if cat.shape[0] == 1 and not torch.is_grad_enabled():
             # inference, one image: fold ECA's channel scaling into the 1x1 conv that follows,
             # squeeze(x * w) = act((W diag(w)) x + b), instead of a pass over the 3C-channel map
@@ -141,6 +149,14 @@ class BasicBlock(nn.Module):
             squeezed = F.leaky_relu(F.conv2d(cat, sq.weight * w[0, None, :, None, None], sq.bias), 0.2, inplace=True)
             return self.out(squeezed)
         return self.out(self.squeeze(cat * w[:, :, None, None]))
+
+    def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
+        """MACs of the folded 1x1 conv, which bypasses ``self.squeeze`` (for ``cost.count_macs``)."""
+        x = args[0]
+        if x.shape[0] != 1 or torch.is_grad_enabled():  # the forward took the unfolded path
+            return 0
+        c = self.squeeze.conv
+        return x.shape[-2] * x.shape[-1] * c.in_channels * c.out_channels
 
 
 class LABNet(nn.Module):
