@@ -8,8 +8,9 @@ both resize policies.
 
 Timing: all timed variants run interleaved in one process (round-robin, median of rounds), so load from
 other jobs on the machine hits them alike; the reference rate is the faster of the two memory formats of a
-dense 3x3 conv. LAB-Net runs as eager NCHW, eager channels-last (what ``evcli deshadow`` uses) and
-torch.compile (inductor, frozen weights, channels-last). Peak memory is measured once per model in a child
+dense 3x3 conv. LAB-Net runs as eager NCHW, eager channels-last (what ``evcli deshadow`` uses),
+torch.compile (inductor, frozen weights, channels-last) and bfloat16 channels-last (``--precision bf16``,
+measured against the fastest reference of fp32 and bf16). Peak memory is measured once per model in a child
 process (VmHWM).
 
     python bench/deshadow.py [--rounds 2] [--val-images 16] [--val-size 128] [--no-compile]
@@ -56,6 +57,12 @@ def build_labnet_cl() -> torch.nn.Module:
     return build_labnet(True)
 
 
+def build_labnet_bf16() -> torch.nn.Module:
+    """LAB-Net channels-last in bfloat16 (``evcli deshadow --precision bf16``), fed fp32 inputs like the CLI."""
+    net = build_labnet(True).to(torch.bfloat16)
+    return lambda x, m: net(x.to(torch.bfloat16), m.to(torch.bfloat16)).float()
+
+
 def build_sadc(sparse: bool = True) -> torch.nn.Module:
     from evcli.methods.deshadow.layers import vgg16_features
     from evcli.methods.deshadow.sadc import SADCNet
@@ -75,21 +82,28 @@ def quality(n_images: int, size: int) -> dict:
     results: dict = {}
     from evcli.methods.deshadow.infer import shipped_weights
 
-    for name in ("identity", "colour_transfer", "labnet", "sadc"):
-        if name in ("labnet", "sadc") and shipped_weights(name) is None:
+    preds: dict[str, list[torch.Tensor]] = {}
+    for name in ("identity", "colour_transfer", "labnet", "labnet_bf16", "sadc"):
+        method = name.removesuffix("_bf16")
+        if method in ("labnet", "sadc") and shipped_weights(method) is None:
             results[name] = {"weights": "none shipped"}
             continue
-        remover = load_remover(name)
+        remover = load_remover(method, precision="bf16" if name.endswith("_bf16") else "fp32")
         accs = {p: ShadowMetrics(p) for p in ("256x256", "full")}
+        preds[name] = []
         with torch.no_grad():
             for s in samples:
                 mask = (s["mask"] > 0.9).float()[None]
                 pred = remover.model(s["shadow"][None], mask).clamp(0, 1)
+                preds[name].append(pred)
                 for acc in accs.values():
                     acc.update(pred, s["free"][None], mask)
-        learned = name in ("labnet", "sadc")
+        learned = method in ("labnet", "sadc")
         weights = f"shipped {Path(remover.weights).name}" if learned else remover.weights
         results[name] = {"weights": weights, **{p: a.summary() for p, a in accs.items()}}
+    if "labnet" in preds and "labnet_bf16" in preds:
+        diff = max(float((a - b).abs().max()) for a, b in zip(preds["labnet"], preds["labnet_bf16"]))
+        results["labnet_bf16"]["max_abs_diff_vs_fp32_8bit_levels"] = diff * 255.0
     return {"images": len(samples), "size": size, "photos": list(VAL_PHOTOS), "methods": results}
 
 
@@ -165,13 +179,19 @@ def main() -> None:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     labnet, labnet_cl, sadc = build_labnet(), build_labnet(True), build_sadc(True)
     labnet_cl.load_state_dict(labnet.state_dict())
+    labnet_bf16 = build_labnet(True)
+    labnet_bf16.load_state_dict(labnet.state_dict())
+    labnet_bf16 = labnet_bf16.to(torch.bfloat16)
     sadc_dense = build_sadc(False)
     sadc_dense.load_state_dict(sadc.state_dict())
     print("counting MACs ...", file=sys.stderr)
     macs = {"labnet": count_macs(labnet, x, mask), "sadc_dense": count_macs(sadc_dense, x, mask)}
     conv = torch.nn.Conv2d(48, 48, 3, padding=1, bias=False).eval()
     conv_cl = torch.nn.Conv2d(48, 48, 3, padding=1, bias=False).eval().to(memory_format=torch.channels_last)
+    conv_bf16 = torch.nn.Conv2d(48, 48, 3, padding=1, bias=False).eval()
+    conv_bf16 = conv_bf16.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
     conv_x = torch.rand(1, 48, 256, 256)
+    conv_x_bf16 = conv_x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     conv_x_cl = conv_x.contiguous(memory_format=torch.channels_last)
     conv_macs = 48 * 48 * 9 * 256 * 256
     areas = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
@@ -192,6 +212,8 @@ def main() -> None:
         "conv3x3_48_channels_last": lambda: conv_cl(conv_x_cl),
         "labnet": lambda: labnet(x, mask),
         "labnet_channels_last": lambda: labnet_cl(x_cl, mask),
+        "conv3x3_48_bf16": lambda: conv_bf16(conv_x_bf16),
+        "labnet_bf16": lambda: labnet_bf16(x_cl.to(torch.bfloat16), mask.to(torch.bfloat16)),
         "sadc_dense": lambda: sadc_at(sadc_dense, timer_dense, "sadc_dense", 0.15),
         **{f"sadc_sparse_area_{a}": (lambda a=a: sadc_at(sadc, timer, f"sadc_sparse_area_{a}", a)) for a in areas},
     }
@@ -211,6 +233,7 @@ def main() -> None:
         for _ in range(3):  # warm-up of the small reference kernels only (the big models warm up in round 1)
             conv(conv_x)
             conv_cl(conv_x_cl)
+            conv_bf16(conv_x_bf16)
         for r in range(args.rounds):
             print(f"timing round {r + 1}/{args.rounds} ...", file=sys.stderr)
             for name, fn in variants.items():
@@ -220,13 +243,16 @@ def main() -> None:
                     fn()
                     times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    rates = {k: conv_macs / med[k] for k in ("conv3x3_48", "conv3x3_48_channels_last")}
-    rate = max(rates.values())
+    rates = {k: conv_macs / med[k] for k in ("conv3x3_48", "conv3x3_48_channels_last", "conv3x3_48_bf16")}
+    rate = max(rates[k] for k in ("conv3x3_48", "conv3x3_48_channels_last"))
+    rate_any = max(rates.values())  # bf16 variants are measured against the fastest reference of all
     report["dense_conv_rate"] = {
         "what": "Conv2d 48->48 3x3 (LAB-Net's widest), input 1x48x256x256, fp32, median; the faster memory format",
         "gmac_per_s": rate / 1e9,
         "gmac_per_s_nchw": rates["conv3x3_48"] / 1e9,
         "gmac_per_s_channels_last": rates["conv3x3_48_channels_last"] / 1e9,
+        "gmac_per_s_bf16_channels_last": rates["conv3x3_48_bf16"] / 1e9,
+        "gmac_per_s_for_bf16": rate_any / 1e9,
     }
 
     def eff(m: int, seconds: float) -> float:
@@ -238,7 +264,10 @@ def main() -> None:
         "latency_channels_last_s": med["labnet_channels_last"],
         "efficiency_nchw": eff(macs["labnet"], med["labnet"]),
         "efficiency_channels_last": eff(macs["labnet"], med["labnet_channels_last"]),
+        "latency_bf16_s": med["labnet_bf16"],
+        "efficiency_bf16": (macs["labnet"] / rate_any) / med["labnet_bf16"],
         "peak_memory_mib": peak_memory_child("labnet_cl", w, h),
+        "peak_memory_bf16_mib": peak_memory_child("labnet_bf16", w, h),
         "compile": compile_info,
     }
     if "labnet_compiled" in med:

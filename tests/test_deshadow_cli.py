@@ -259,3 +259,19 @@ def test_deshadow_trains_in_two_processes(tmp_path: Path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["processes"] == 2 and report["steps"] == 2
     assert report["metrics"]["images"] == 2.0  # every val image counted once over both processes
+
+
+def test_bf16_inference_is_close_to_fp32_and_refused_where_it_does_not_apply(tmp_path: Path):
+    img = _photo(tmp_path / "p.png", size=(64, 48))
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        r = run_cli(["deshadow", str(img), "--precision", precision, "-o", str(out), "--no-compare"])
+        assert r.code == 0, r.stderr
+        outs[precision] = np.asarray(Image.open(out), dtype=np.int16)
+    diff = np.abs(outs["fp32"] - outs["bf16"])
+    assert diff.mean() < 1.0 and diff.max() <= 12  # bf16 moves pixels by a few 8-bit levels
+    r = run_cli(["deshadow", str(img), "--precision", "fp16"])
+    assert r.code == 2 and "fp32 or bf16" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["deshadow", str(img), "--method", "sadc", "--precision", "bf16"])
+    assert r.code == 2 and "LAB-Net" in r.stderr and "Traceback" not in r.stderr

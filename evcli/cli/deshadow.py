@@ -126,6 +126,11 @@ def remove(
     ),
     tile: int = typer.Option(1024, "--tile", help="Largest side processed at once; larger images are tiled."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Also write a before | mask | after PNG."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="LAB-Net arithmetic: fp32, or bf16 (about 3x faster with AVX-512 BF16; pixels move a few 8-bit levels).",
+    ),
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -133,6 +138,8 @@ def remove(
     setup_output(quiet)
     if tile < 128:
         raise UsageError(f"--tile must be >= 128, got {tile}")
+    if precision not in ("fp32", "bf16"):
+        raise UsageError(f"--precision must be fp32 or bf16, got '{precision}'")
     if not source.exists():
         raise DataError(f"image not found: {source}")
     from evcli.methods.deshadow.infer import list_images, load_remover
@@ -144,7 +151,7 @@ def remove(
         from evcli.methods.deshadow.infer import normalise_method
 
         normalise_method(method)  # an unknown --method is reported before anything is loaded
-    remover = load_remover(method, weights, str(vgg_weights) if vgg_weights else None)
+    remover = load_remover(method, weights, str(vgg_weights) if vgg_weights else None, precision=precision)
     if source.is_dir():
         out_dir = output or source.parent / f"{source.name}_deshadow"
         if out_dir.exists() and not out_dir.is_dir():

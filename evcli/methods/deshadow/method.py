@@ -52,8 +52,11 @@ class DeshadowModel(nn.Module):
         """The network's own output space (LAB-Net: 8-bit LAB / 255; SADC: RGB)."""
         if self.method == "labnet":
             lab = rgb_to_lab8(rgb)
-            if self.net.convst.conv.weight.is_contiguous(memory_format=torch.channels_last):
+            weight = self.net.convst.conv.weight
+            if weight.is_contiguous(memory_format=torch.channels_last):
                 lab = lab.contiguous(memory_format=torch.channels_last)  # see infer.load_remover
+            if weight.dtype == torch.bfloat16:  # bf16 inference (infer.load_remover): the network only
+                return self.net(lab.to(weight.dtype), mask.to(weight.dtype)).to(rgb.dtype)
             return self.net(lab, mask)
         vgg = self._vgg[0]
         if vgg is not None and next(vgg.parameters()).device != rgb.device:
