@@ -129,7 +129,7 @@ def remove(
     precision: str = typer.Option(
         "fp32",
         "--precision",
-        help="LAB-Net arithmetic: fp32, or bf16 (about 3x faster with AVX-512 BF16; pixels move a few 8-bit levels).",
+        help="LAB-Net arithmetic: fp32, or bf16 (about 2.4x faster with AVX-512 BF16; pixels move a few 8-bit levels).",
     ),
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,

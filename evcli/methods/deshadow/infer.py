@@ -64,7 +64,7 @@ def load_remover(
 ) -> Remover:
     """Build the model of ``method`` (or of the weights' own recipe when ``method`` is None).
 
-    ``precision="bf16"`` runs LAB-Net's network in bfloat16 (the LAB conversions stay fp32): about 3x
+    ``precision="bf16"`` runs LAB-Net's network in bfloat16 (the LAB conversions stay fp32): about 2.4x
     faster on CPUs with AVX-512 BF16, pixels move by a few 8-bit levels at most (bench/deshadow.py).
 
     Raises:
