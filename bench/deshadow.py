@@ -179,9 +179,7 @@ def main() -> None:
     x_cl = x.contiguous(memory_format=torch.channels_last)
     labnet, labnet_cl, sadc = build_labnet(), build_labnet(True), build_sadc(True)
     labnet_cl.load_state_dict(labnet.state_dict())
-    labnet_bf16 = build_labnet(True)
-    labnet_bf16.load_state_dict(labnet.state_dict())
-    labnet_bf16 = labnet_bf16.to(torch.bfloat16)
+    labnet_bf16 = build_labnet_bf16()  # fed fp32 inputs and returning fp32, like the CLI
     sadc_dense = build_sadc(False)
     sadc_dense.load_state_dict(sadc.state_dict())
     print("counting MACs ...", file=sys.stderr)
@@ -213,7 +211,7 @@ def main() -> None:
         "labnet": lambda: labnet(x, mask),
         "labnet_channels_last": lambda: labnet_cl(x_cl, mask),
         "conv3x3_48_bf16": lambda: conv_bf16(conv_x_bf16),
-        "labnet_bf16": lambda: labnet_bf16(x_cl.to(torch.bfloat16), mask.to(torch.bfloat16)),
+        "labnet_bf16": lambda: labnet_bf16(x_cl, mask),
         "sadc_dense": lambda: sadc_at(sadc_dense, timer_dense, "sadc_dense", 0.15),
         **{f"sadc_sparse_area_{a}": (lambda a=a: sadc_at(sadc, timer, f"sadc_sparse_area_{a}", a)) for a in areas},
     }
@@ -223,8 +221,7 @@ def main() -> None:
         try:
             with torch.no_grad():
                 labnet_compiled, seconds = compile_labnet(build_labnet_cl(), x_cl, mask)
-            compiled_net = labnet_compiled
-            variants["labnet_compiled"] = lambda: compiled_net(x_cl, mask)
+            variants["labnet_compiled"] = lambda: labnet_compiled(x_cl, mask)
             compile_info = {"used": True, "compile_s": seconds, "options": {"freezing": True}}
         except Exception as e:  # no C++ compiler, unsupported platform: record and go on
             compile_info = {"used": False, "error": f"{type(e).__name__}: {e}"[:300]}

@@ -138,8 +138,6 @@ def remove(
     setup_output(quiet)
     if tile < 128:
         raise UsageError(f"--tile must be >= 128, got {tile}")
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"--precision must be fp32 or bf16, got '{precision}'")
     if not source.exists():
         raise DataError(f"image not found: {source}")
     from evcli.methods.deshadow.infer import list_images, load_remover

@@ -27,6 +27,7 @@ from evcli.io.images import is_image_file, load_rgb
 MODEL_METHODS = ("labnet", "sadc")
 BASELINES = ("identity", "colour_transfer")
 ALL_METHODS = MODEL_METHODS + BASELINES
+BF16_LABNET_ONLY = "--precision bf16 is for LAB-Net; the other methods run in fp32"
 
 
 def shipped_weights(method: str) -> Path | None:
@@ -75,11 +76,13 @@ def load_remover(
 
     if method is not None:
         method = normalise_method(method)
+    if precision not in ("fp32", "bf16"):
+        raise UsageError(f"--precision must be fp32 or bf16, got '{precision}'")
     if method in BASELINES:
+        if precision == "bf16":
+            raise UsageError(BF16_LABNET_ONLY)
         model = Identity() if method == "identity" else ColourTransfer()
         return Remover(model.eval(), method, "none (baseline)", 0.9)
-    if precision not in ("fp32", "bf16"):
-        raise UsageError(f"precision must be fp32 or bf16, got '{precision}'")
     if weights is None:
         name = method or "labnet"
         weights = shipped_weights(name)
@@ -122,7 +125,7 @@ def load_remover(
         if precision == "bf16":
             model.net.to(torch.bfloat16)
     elif precision == "bf16":
-        raise UsageError("--precision bf16 is for LAB-Net; SADC runs in fp32")
+        raise UsageError(BF16_LABNET_ONLY)
     return Remover(model.eval(), cfg.method, str(path), cfg.mask_threshold_test, recipe)
 
 

@@ -142,7 +142,7 @@ class BasicBlock(nn.Module):
             feats.append(x)
         cat = torch.cat(feats, dim=1)
         w = self.eca(cat, scale=False)  # a module call: the MAC counter's hook sees the Laplacian
-        if cat.shape[0] == 1 and not torch.is_grad_enabled():
+        if self._folds(cat):
             # inference, one image: fold ECA's channel scaling into the 1x1 conv that follows,
             # squeeze(x * w) = act((W diag(w)) x + b), instead of a pass over the 3C-channel map
             sq = self.squeeze.conv
@@ -153,10 +153,16 @@ class BasicBlock(nn.Module):
     def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
         """MACs of the folded 1x1 conv, which bypasses ``self.squeeze`` (for ``cost.count_macs``)."""
         x = args[0]
-        if x.shape[0] != 1 or torch.is_grad_enabled():  # the forward took the unfolded path
+        if not self._folds(x):
             return 0
         c = self.squeeze.conv
         return x.shape[-2] * x.shape[-1] * c.in_channels * c.out_channels
+
+    @staticmethod
+    def _folds(x: torch.Tensor) -> bool:
+        """Whether the forward folds ECA's scaling into the squeeze conv: inference on one image (the
+        weights are per sample)."""
+        return x.shape[0] == 1 and not torch.is_grad_enabled()
 
 
 class LABNet(nn.Module):

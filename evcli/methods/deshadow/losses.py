@@ -21,7 +21,9 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, features: nn.Sequential | None) -> None:
         super().__init__()
-        self.slices = nn.ModuleList(features[a:b] for a, b in PERCEPTUAL_SLICES) if features is not None else []
+        self.slices = (
+            nn.ModuleList(features[a:b] for a, b in PERCEPTUAL_SLICES) if features is not None else nn.ModuleList()
+        )
         for p in self.parameters():
             p.requires_grad_(False)
 
