@@ -15,6 +15,7 @@ from evcli.data.shadow import BuiltinShadowDataset, istd_triples, render_shadow,
 from evcli.errors import DataError
 from evcli.methods.deshadow.baselines import ColourTransfer, estimate_shadow_mask
 from evcli.methods.deshadow.labnet import LAPLACIAN, EnhancedChannelAttention, LABNet, LocalSpatialAttention
+from evcli.methods.deshadow.layers import ConvLayer, conv1x1_sum, fused_available, plain_forward
 from evcli.methods.deshadow.losses import PERCEPTUAL_DIVISORS, distillation_kl, gradient_loss
 from evcli.methods.deshadow.method import linear_decay
 from evcli.methods.deshadow.sadc import DynConv, SADCNet, _region_mean, kd_coefficient
@@ -324,19 +325,81 @@ def test_identity_init_makes_labnet_start_as_the_identity():
     assert torch.allclose(net(lab, m), lab, atol=1e-6)
 
 
-def test_labnet_inference_path_equals_training_path_and_counts_the_same_macs():
+needs_fused = pytest.mark.skipif(not fused_available(), reason="this torch has no oneDNN fused convolution ops")
+
+
+@needs_fused
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "groups"), [(1, 1, 1), (3, 1, 1), (3, 2, 1), (3, 8, 1), (3, 16, 1), (5, 2, 1), (3, 4, 6)]
+)
+@pytest.mark.parametrize("size", [(40, 52), (9, 30), (33, 33)])
+def test_fused_conv_layer_equals_its_forward(kernel: int, dilation: int, groups: int, size: tuple[int, int]):
+    torch.manual_seed(0)
+    layer = ConvLayer(6, 12, kernel, dilation, groups=groups).eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, 6, *size).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            # border bands recomputed with reflection (small dilations on maps >= 4x the padding), one padded
+            # copy otherwise, replicate padding where the map is too small to reflect
+            assert torch.allclose(layer.fused(x), layer(x), atol=1e-5)
+
+
+@needs_fused
+def test_conv1x1_sum_equals_the_conv_of_the_concatenation():
+    torch.manual_seed(0)
+    layer = ConvLayer(4 + 8 + 12, 10, 1).eval()
+    parts = [torch.randn(1, c, 7, 9).contiguous(memory_format=torch.channels_last) for c in (4, 8, 12)]
+    with torch.no_grad():
+        assert torch.allclose(conv1x1_sum(parts, layer.conv), layer(torch.cat(parts, dim=1)), atol=1e-5)
+        assert torch.allclose(conv1x1_sum(parts, layer.conv, act=False), layer.conv(torch.cat(parts, dim=1)), atol=1e-5)
+        with pytest.raises(ValueError, match="channels"):
+            conv1x1_sum(parts[:2], layer.conv)
+
+
+@needs_fused
+@pytest.mark.parametrize("laplacian", ["fixed", "trainable"])
+@pytest.mark.parametrize("shadow", ["box", "none", "all"])
+def test_labnet_fused_inference_equals_the_plain_forward(monkeypatch: pytest.MonkeyPatch, laplacian: str, shadow: str):
+    """The fused CPU path (one image, no autograd) against the module-by-module forward and the autograd
+    path, on a map large enough for reflection at dilation 64; LSA with a ring, without shadow, all shadow."""
     from evcli.methods.deshadow.cost import count_macs
+    from evcli.methods.deshadow.labnet import BasicBlock
 
     torch.manual_seed(0)
-    net = LABNet(8, lsa_size=16).eval()
-    x, m = torch.rand(1, 3, 48, 64), torch.zeros(1, 1, 48, 64)
-    m[..., 10:30, 20:40] = 1
-    with torch.no_grad():  # folded ECA scaling, in-place activations
-        fast = net(x, m)
-        fast_cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), m)
-        macs_fast = count_macs(net, x, m)
-    plain = net(x, m)  # with autograd: the unfused path
-    assert torch.allclose(fast, plain, atol=1e-5) and torch.allclose(fast_cl, plain, atol=1e-5)
-    # a batch of two takes the unfolded path (per-sample weights): same MACs per image
-    macs_plain = count_macs(net, torch.rand(2, 3, 48, 64), m.expand(2, -1, -1, -1)) // 2
-    assert macs_fast == macs_plain
+    net = LABNet(8, laplacian, lsa_size=16).eval()
+    h, w = 136, 140
+    x, m = torch.rand(1, 3, h, w), torch.zeros(1, 1, h, w)
+    if shadow == "box":
+        m[..., 30:90, 40:100] = 1
+    elif shadow == "all":
+        m[:] = 1
+    calls = []
+    original = BasicBlock._fused
+    monkeypatch.setattr(BasicBlock, "_fused", lambda self, t: calls.append(1) or original(self, t))
+    with torch.no_grad():
+        fused = net(x, m)
+        assert len(calls) == 8, "the fused path did not run"
+        with plain_forward():
+            plain = net(x, m)
+        assert len(calls) == 8, "plain_forward did not switch the fused path off"
+        net_cl = net.to(memory_format=torch.channels_last)
+        fused_cl = net_cl(x.contiguous(memory_format=torch.channels_last), m)
+        macs_one = count_macs(net, x, m)
+    grad_path = net(x, m)  # autograd on: the plain path, unfolded
+    for out in (fused, fused_cl, grad_path):
+        assert torch.allclose(out, plain, atol=1e-5), float((out - plain).abs().max())
+    # the count (plain forward, folded ECA for one image) equals the count of a batch of two per image
+    assert macs_one == count_macs(net, torch.rand(2, 3, h, w), m.expand(2, -1, -1, -1)) // 2
+
+
+@needs_fused
+def test_labnet_fused_bf16_is_close_to_plain_bf16():
+    torch.manual_seed(0)
+    net = LABNet(8, lsa_size=16).eval().to(torch.bfloat16, memory_format=torch.channels_last)
+    x, m = torch.rand(1, 3, 136, 140).to(torch.bfloat16), torch.zeros(1, 1, 136, 140, dtype=torch.bfloat16)
+    m[..., 30:90, 40:100] = 1
+    with torch.no_grad():
+        fused = net(x.contiguous(memory_format=torch.channels_last), m).float()
+        with plain_forward():
+            plain = net(x.contiguous(memory_format=torch.channels_last), m).float()
+    assert fused.dtype == plain.dtype and (fused - plain).abs().max() < 0.05 * plain.abs().max()

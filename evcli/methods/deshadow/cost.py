@@ -4,7 +4,8 @@ Counter: forward hooks on every ``nn.Conv2d`` (output elements x in-channels/gro
 ``nn.Linear`` (batch rows x in x out), plus modules that apply a functional convolution and say its cost
 through a ``macs(inputs, output)`` method (ECA's depthwise Laplacian). Attention matrix products,
 poolings, interpolation and element-wise ops are not counted: the convention of the LAB-Net card's
-"conv+linear" numbers.
+"conv+linear" numbers. The count runs the plain forward (``layers.plain_forward``), whose convs the hooks
+see; the fused CPU inference path computes the same convolutions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from evcli.methods.deshadow.layers import plain_forward
 
 
 @torch.no_grad()
@@ -39,7 +42,8 @@ def count_macs(model: nn.Module, *inputs: Any) -> int:
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
     try:
-        model(*inputs)
+        with plain_forward():
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evcli.methods.deshadow.layers import ConvLayer, dilate
+from evcli.methods.deshadow.layers import ConvLayer, conv1x1_sum, dilate, fused_inference
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])  # 4-neighbour Laplacian
 
@@ -58,7 +58,36 @@ class EnhancedChannelAttention(nn.Module):
             stat = var.clamp_min(0.0).sqrt()
         else:
             stat = edges.flatten(2).std(dim=2)
+        return self.weights_from_std(stat)
+
+    def weights_from_std(self, stat: torch.Tensor) -> torch.Tensor:
+        """The attention weights [N, C] from the per-channel std [N, C] of the Laplacian response."""
         return torch.sigmoid(self.fc2(F.leaky_relu(self.fc1(stat), 0.2)))
+
+    CHUNK_BYTES = 2 << 20  # rows of a map per step of std_parts: its Laplacian response stays in the cache
+
+    def std_parts(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The per-channel std [1, C] of the Laplacian response of ``cat(parts, dim=1)`` (one image), without
+        the concatenation and without a full-size response map: each part in row chunks (a view of a
+        channels-last map), each chunk's response reduced at once to its channel sums and sums of squares
+        (fp32: the diagonal of its Gram matrix, one GEMM; bf16: squares in bf16, sums accumulated in fp32)."""
+        stats, start = [], 0
+        for p in parts:
+            c, h, w = p.shape[1:]
+            kernel = self.kernel[start : start + c].to(p.dtype)
+            start += c
+            rows = max(8, self.CHUNK_BYTES // (w * c * p.element_size()))
+            total = torch.zeros(c, dtype=torch.float32)
+            squares = torch.zeros(c, dtype=torch.float32)
+            for r in range(0, h - 2, rows):
+                edges = F.conv2d(p[:, :, r : min(h, r + rows + 2)], kernel, groups=c)
+                flat = edges.permute(0, 2, 3, 1).reshape(-1, c)  # [rows x W, c]; a view for channels-last maps
+                total += flat.sum(dim=0).float()
+                squares += torch.mm(flat.t(), flat).diagonal() if flat.dtype == torch.float32 else (flat * flat).sum(0)
+            n = (h - 2) * (w - 2)
+            mean = total / n
+            stats.append(((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0.0).sqrt())
+        return torch.cat(stats)[None]
 
     def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
         """Multiply-accumulates of the functional depthwise 3x3 (for ``cost.count_macs``)."""
@@ -110,7 +139,17 @@ class LocalSpatialAttention(nn.Module):
                         parts.append(keys @ att.t())  # [D, s]
                     out = out.index_copy(1, s_idx, torch.cat(parts, dim=1))
             rows.append(out.view(self.dim, self.size, self.size))
-        attended = F.interpolate(torch.stack(rows), size=(h, w), mode="nearest")
+        small = torch.stack(rows)
+        if fused_inference(x):
+            # a 1x1 conv commutes with nearest upsampling: fuse the attended part at the working size and
+            # upsample the C-channel result, not the 3C/2-channel one (no full-size concatenation)
+            conv = self.fuse.conv
+            wx, wa = conv.weight[:, : x.shape[1]].contiguous(), conv.weight[:, x.shape[1] :].contiguous()
+            part = F.conv2d(small.contiguous(memory_format=torch.channels_last), wa)
+            y = conv1x1_sum([x], conv, act=False, weight=wx)
+            y += F.interpolate(part, size=(h, w), mode="nearest")
+            return F.leaky_relu_(y, 0.2)
+        attended = F.interpolate(small, size=(h, w), mode="nearest")
         return self.fuse(torch.cat([x, attended], dim=1))
 
 
@@ -136,6 +175,8 @@ class BasicBlock(nn.Module):
         self.out = ConvLayer(c, cout, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_inference(x):
+            return self._fused(x)
         feats = []
         for branches, fuse in zip(self.groups, self.fuses):
             x = fuse(torch.cat([b(x) for b in branches], dim=1))
@@ -149,6 +190,18 @@ class BasicBlock(nn.Module):
             squeezed = F.leaky_relu(F.conv2d(cat, sq.weight * w[0, None, :, None, None], sq.bias), 0.2, inplace=True)
             return self.out(squeezed)
         return self.out(self.squeeze(cat * w[:, :, None, None]))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward of one image on the fused CPU path (``layers.fused_inference``): every conv with its
+        LeakyReLU as one call, each group's 1x1 over the concatenation as accumulated 1x1s of its parts,
+        ECA's statistics per part and its scaling folded into the squeeze conv; no concatenated map."""
+        feats = []
+        for branches, fuse in zip(self.groups, self.fuses):
+            x = conv1x1_sum([b.fused(x) for b in branches], fuse.conv)
+            feats.append(x)
+        w = self.eca.weights_from_std(self.eca.std_parts(feats).to(self.eca.fc1.weight.dtype))
+        squeezed = conv1x1_sum(feats, self.squeeze.conv, weight=self.squeeze.conv.weight * w[0, None, :, None, None])
+        return self.out.fused(squeezed)
 
     def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
         """MACs of the folded 1x1 conv, which bypasses ``self.squeeze`` (for ``cost.count_macs``)."""
@@ -202,13 +255,20 @@ class LABNet(nn.Module):
         ring = dilate(mask, self.ring_kernel) - mask
         x = torch.cat([self.convst(lab), mask], dim=1)
         b1, b2 = self.block1(x), self.block2(x)
-        cat = torch.cat([b1, b2], dim=1)
-        lum, ab = self.fuse1_l(cat), self.fuse1_ab(cat)
+        lum, ab = self._cross(b1, b2, self.fuse1_l, self.fuse1_ab)
         b3, b4 = self.block3(lum), self.block4(ab)
-        cat = torch.cat([b3, b4], dim=1)
-        lum, ab = self.lsa2_l(self.fuse2_l(cat), mask, ring), self.lsa2_ab(self.fuse2_ab(cat), mask, ring)
+        lum, ab = self._cross(b3, b4, self.fuse2_l, self.fuse2_ab)
+        lum, ab = self.lsa2_l(lum, mask, ring), self.lsa2_ab(ab, mask, ring)
         b5, b6 = self.block5(lum), self.block6(ab)
-        cat = torch.cat([b5, b6], dim=1)
-        lum, ab = self.lsa3_l(self.fuse3_l(cat), mask, ring), self.lsa3_ab(self.fuse3_ab(cat), mask, ring)
+        lum, ab = self._cross(b5, b6, self.fuse3_l, self.fuse3_ab)
+        lum, ab = self.lsa3_l(lum, mask, ring), self.lsa3_ab(ab, mask, ring)
         out = torch.cat([self.block_l(lum), self.block_ab(ab)], dim=1)
         return self.final(out + lab)
+
+    @staticmethod
+    def _cross(a: torch.Tensor, b: torch.Tensor, to_l: ConvLayer, to_ab: ConvLayer) -> tuple[torch.Tensor, ...]:
+        """The cross fusion of two streams: 1x1 convs of cat(a, b) to the L and the AB stream."""
+        if fused_inference(a):
+            return conv1x1_sum([a, b], to_l.conv), conv1x1_sum([a, b], to_ab.conv)
+        cat = torch.cat([a, b], dim=1)
+        return to_l(cat), to_ab(cat)
