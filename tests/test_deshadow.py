@@ -15,7 +15,14 @@ from evcli.data.shadow import BuiltinShadowDataset, istd_triples, render_shadow,
 from evcli.errors import DataError
 from evcli.methods.deshadow.baselines import ColourTransfer, estimate_shadow_mask
 from evcli.methods.deshadow.labnet import LAPLACIAN, EnhancedChannelAttention, LABNet, LocalSpatialAttention
-from evcli.methods.deshadow.layers import ConvLayer, conv1x1_sum, fused_available, plain_forward
+from evcli.methods.deshadow.layers import (
+    ConvLayer,
+    conv1x1_sum,
+    dilate,
+    fused_available,
+    init_kaiming,
+    plain_forward,
+)
 from evcli.methods.deshadow.losses import PERCEPTUAL_DIVISORS, distillation_kl, gradient_loss
 from evcli.methods.deshadow.method import linear_decay
 from evcli.methods.deshadow.sadc import DynConv, SADCNet, _region_mean, kd_coefficient
@@ -325,6 +332,19 @@ def test_identity_init_makes_labnet_start_as_the_identity():
     assert torch.allclose(net(lab, m), lab, atol=1e-6)
 
 
+def _lively_labnet(laplacian: str = "fixed") -> LABNet:
+    """A C=8 LAB-Net whose features stay O(0.1) through all blocks (Kaiming init, random biases): with
+    PyTorch's default init they fade to ~0 and the output would hide differences in the blocks."""
+    torch.manual_seed(0)
+    net = LABNet(8, laplacian, lsa_size=16).eval()
+    init_kaiming(net)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.uniform_(-0.1, 0.1)
+    return net
+
+
 needs_fused = pytest.mark.skipif(not fused_available(), reason="this torch has no oneDNN fused convolution ops")
 
 
@@ -365,8 +385,7 @@ def test_labnet_fused_inference_equals_the_plain_forward(monkeypatch: pytest.Mon
     from evcli.methods.deshadow.cost import count_macs
     from evcli.methods.deshadow.labnet import BasicBlock
 
-    torch.manual_seed(0)
-    net = LABNet(8, laplacian, lsa_size=16).eval()
+    net = _lively_labnet(laplacian)
     h, w = 136, 140
     x, m = torch.rand(1, 3, h, w), torch.zeros(1, 1, h, w)
     if shadow == "box":
@@ -386,6 +405,7 @@ def test_labnet_fused_inference_equals_the_plain_forward(monkeypatch: pytest.Mon
         fused_cl = net_cl(x.contiguous(memory_format=torch.channels_last), m)
         macs_one = count_macs(net, x, m)
     grad_path = net(x, m)  # autograd on: the plain path, unfolded
+    assert plain.std() > 0.1
     for out in (fused, fused_cl, grad_path):
         assert torch.allclose(out, plain, atol=1e-5), float((out - plain).abs().max())
     # the count (plain forward, folded ECA for one image) equals the count of a batch of two per image
@@ -393,9 +413,27 @@ def test_labnet_fused_inference_equals_the_plain_forward(monkeypatch: pytest.Mon
 
 
 @needs_fused
-def test_labnet_fused_bf16_is_close_to_plain_bf16():
+@pytest.mark.parametrize("shadow", ["box", "none", "all"])
+def test_lsa_fused_equals_plain(shadow: str):
+    """LSA's fused path fuses the attended part at the working size and upsamples after the 1x1 conv."""
     torch.manual_seed(0)
-    net = LABNet(8, lsa_size=16).eval().to(torch.bfloat16, memory_format=torch.channels_last)
+    lsa = LocalSpatialAttention(8, size=16).eval()
+    x, m = torch.randn(1, 8, 37, 45), torch.zeros(1, 1, 37, 45)
+    if shadow == "box":
+        m[..., 10:25, 12:30] = 1
+    elif shadow == "all":
+        m[:] = 1
+    ring = dilate(m, 11) - m
+    with torch.no_grad():
+        fused = lsa(x.contiguous(memory_format=torch.channels_last), m, ring)
+        with plain_forward():
+            plain = lsa(x, m, ring)
+    assert plain.std() > 0.1 and torch.allclose(fused, plain, atol=1e-5)
+
+
+@needs_fused
+def test_labnet_fused_bf16_is_close_to_plain_bf16():
+    net = _lively_labnet().to(torch.bfloat16, memory_format=torch.channels_last)
     x, m = torch.rand(1, 3, 136, 140).to(torch.bfloat16), torch.zeros(1, 1, 136, 140, dtype=torch.bfloat16)
     m[..., 30:90, 40:100] = 1
     with torch.no_grad():

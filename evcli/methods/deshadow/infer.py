@@ -122,8 +122,9 @@ def load_remover(
     if cfg.method == "labnet":
         # channels-last runs LAB-Net's small dilated convs about 1.6x faster on CPU (bench/deshadow.py)
         model.net.to(memory_format=torch.channels_last)
-        if precision == "bf16":
+        if precision == "bf16":  # the blocks in bf16; the global residual and the last 3x3 conv stay fp32
             model.net.to(torch.bfloat16)
+            model.net.final.float()
     elif precision == "bf16":
         raise UsageError(BF16_LABNET_ONLY)
     return Remover(model.eval(), cfg.method, str(path), cfg.mask_threshold_test, recipe)

@@ -251,7 +251,14 @@ class LABNet(nn.Module):
         self.final = ConvLayer(3, 3, 3)
 
     def forward(self, lab: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """LAB in [0, 1] (OpenCV 8-bit container / 255) [N, 3, H, W] and a binary mask [N, 1, H, W]."""
+        """LAB in [0, 1] (OpenCV 8-bit container / 255) [N, 3, H, W] and a binary mask [N, 1, H, W].
+
+        Mixed precision: the blocks run in the dtype of ``convst``'s weights and the global residual with the
+        last conv in the dtype of ``final``'s, so a bf16 network with an fp32 ``final`` (``--precision bf16``)
+        adds its correction to the unrounded input and returns fp32."""
+        body, head = self.convst.conv.weight.dtype, self.final.conv.weight.dtype
+        residual = lab.to(head)
+        lab, mask = lab.to(body), mask.to(body)
         ring = dilate(mask, self.ring_kernel) - mask
         x = torch.cat([self.convst(lab), mask], dim=1)
         b1, b2 = self.block1(x), self.block2(x)
@@ -263,7 +270,7 @@ class LABNet(nn.Module):
         lum, ab = self._cross(b5, b6, self.fuse3_l, self.fuse3_ab)
         lum, ab = self.lsa3_l(lum, mask, ring), self.lsa3_ab(ab, mask, ring)
         out = torch.cat([self.block_l(lum), self.block_ab(ab)], dim=1)
-        return self.final(out + lab)
+        return self.final(out.to(head) + residual)
 
     @staticmethod
     def _cross(a: torch.Tensor, b: torch.Tensor, to_l: ConvLayer, to_ab: ConvLayer) -> tuple[torch.Tensor, ...]:

@@ -55,9 +55,7 @@ class DeshadowModel(nn.Module):
             weight = self.net.convst.conv.weight
             if weight.is_contiguous(memory_format=torch.channels_last):
                 lab = lab.contiguous(memory_format=torch.channels_last)  # see infer.load_remover
-            if weight.dtype == torch.bfloat16:  # bf16 inference (infer.load_remover): the network only
-                return self.net(lab.to(weight.dtype), mask.to(weight.dtype)).to(rgb.dtype)
-            return self.net(lab, mask)
+            return self.net(lab, mask).to(rgb.dtype)  # bf16 inference: the network casts (infer.load_remover)
         vgg = self._vgg[0]
         if vgg is not None and next(vgg.parameters()).device != rgb.device:
             vgg.to(rgb.device)
