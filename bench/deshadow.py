@@ -13,7 +13,8 @@ down, so the best one is what the machine can do, and efficiencies against it ar
 runs as the plain module-by-module forward (NCHW, channels-last, bf16), the fused CPU inference path
 (``layers.fused_inference``: what ``evcli deshadow`` runs, fp32 and ``--precision bf16``) and torch.compile
 of the plain forward (inductor, frozen weights, channels-last). Peak memory is measured once per model in a
-child process (VmHWM).
+child process (VmHWM). Everything runs with ``evcli.runtime.retain_freed_memory`` as the CLI does, one
+variant also without it (glibc's defaults).
 
     python bench/deshadow.py [--rounds 3] [--val-images 16] [--val-size 128] [--no-compile]
 """
@@ -65,6 +66,21 @@ def build_labnet_bf16() -> torch.nn.Module:
     net = build_labnet(True).to(torch.bfloat16)
     net.final.float()
     return net
+
+
+def glibc_default(fn):  # noqa: ANN001, ANN201 - any callable model
+    """``fn`` run with glibc's default malloc settings (large blocks mmap'ed, returned on free), not the
+    CLI's ``evcli.runtime.retain_freed_memory`` that the rest of the bench runs with."""
+    from evcli.runtime import retain_freed_memory
+
+    def run(*args):  # noqa: ANN002, ANN202
+        retain_freed_memory(False)
+        try:
+            return fn(*args)
+        finally:
+            retain_freed_memory(True)
+
+    return run
 
 
 def plain(fn):  # noqa: ANN001, ANN201 - any callable model
@@ -127,6 +143,7 @@ def peak_memory_child(model: str, w: int, h: int) -> float:
     mark (VmHWM) is reset after the model is built (``/proc/self/clear_refs``), then read after the forward."""
     code = (
         f"import torch, sys; sys.path.insert(0, {str(ROOT)!r}); import deshadow as b; "
+        "from evcli.runtime import retain_freed_memory; retain_freed_memory();"
         "torch.set_grad_enabled(False);"
         f"m = b.build_{model}(); x = torch.rand(1, 3, {h}, {w}); k = b._mask({h}, {w}, 0.15);"
         "kb = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
@@ -176,6 +193,9 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of LAB-Net")
     ap.add_argument("--size", type=int, nargs=2, default=[640, 480], metavar=("W", "H"), help="timed image size")
     args = ap.parse_args()
+    from evcli.runtime import retain_freed_memory
+
+    retained = retain_freed_memory()  # as `evcli deshadow` does before inference
     torch.manual_seed(0)
     report: dict = {
         "command": "python bench/deshadow.py " + " ".join(sys.argv[1:]),
@@ -184,6 +204,7 @@ def main() -> None:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "retain_freed_memory": retained,
             "load_average_before": list(os.getloadavg()),
         },
     }
@@ -227,6 +248,7 @@ def main() -> None:
         "labnet_plain": lambda: plain(labnet)(x, mask),
         "labnet_plain_channels_last": lambda: plain(labnet_cl)(x_cl, mask),
         "labnet_channels_last": lambda: labnet_cl(x_cl, mask),
+        "labnet_channels_last_glibc_default": lambda: glibc_default(labnet_cl)(x_cl, mask),
         "conv3x3_48_bf16": lambda: conv_bf16(conv_x_bf16),
         "labnet_bf16_plain": lambda: plain(labnet_bf16)(x_cl, mask),
         "labnet_bf16": lambda: labnet_bf16(x_cl, mask),
@@ -283,11 +305,13 @@ def main() -> None:
         "latency_plain_nchw_s": med["labnet_plain"],
         "latency_plain_channels_last_s": med["labnet_plain_channels_last"],
         "latency_fused_channels_last_s": med["labnet_channels_last"],
+        "latency_fused_channels_last_glibc_default_s": med["labnet_channels_last_glibc_default"],
         "latency_bf16_plain_s": med["labnet_bf16_plain"],
         "latency_bf16_fused_s": med["labnet_bf16"],
         "efficiency_plain_nchw": eff(macs["labnet"], med["labnet_plain"]),
         "efficiency_plain_channels_last": eff(macs["labnet"], med["labnet_plain_channels_last"]),
         "efficiency_fused_channels_last": eff(macs["labnet"], med["labnet_channels_last"]),
+        "efficiency_fused_channels_last_glibc_default": eff(macs["labnet"], med["labnet_channels_last_glibc_default"]),
         "efficiency_bf16_plain": eff_bf16(macs["labnet"], med["labnet_bf16_plain"]),
         "efficiency_bf16_fused": eff_bf16(macs["labnet"], med["labnet_bf16"]),
         "cli": "evcli deshadow runs the fused path (fp32 channels-last; --precision bf16 for the bf16 row)",

@@ -441,3 +441,18 @@ def test_labnet_fused_bf16_is_close_to_plain_bf16():
         with plain_forward():
             plain = net(x.contiguous(memory_format=torch.channels_last), m).float()
     assert fused.dtype == plain.dtype and (fused - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_retain_freed_memory_toggles_glibc_malloc():
+    import platform
+    import sys
+
+    from evcli.runtime import retain_freed_memory
+
+    applied = retain_freed_memory()
+    try:
+        # applies with glibc on Linux (CI and the dev machines); a no-op returning False elsewhere
+        assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+        assert torch.ones(3 << 20).sum() == 3 << 20  # large blocks still allocate (from the heap)
+    finally:
+        assert retain_freed_memory(False) == applied

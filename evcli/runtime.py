@@ -1,0 +1,42 @@
+"""Process-level settings for CPU inference on large images.
+
+glibc's malloc serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives it
+back to the kernel on ``free``. PyTorch's CPU allocator does not cache, so each large feature map of a
+full-resolution forward (a 32-channel fp32 map of a 640x480 image is 39 MB) is new memory, and the kernel
+zeroes and maps it page by page on first touch: about 10 ms per map on a 2-core machine, 40 % of LAB-Net's
+fp32 time at 640x480 (bench/deshadow.py). :func:`retain_freed_memory` turns that off for the process, the
+way jemalloc or tcmalloc behave: large blocks come from the heap and freed memory stays there for the next
+map. The peak memory is the same; the process just keeps it until it exits. The CLI's inference commands
+call it; library code never does on its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}
+
+
+def _mallopt():  # noqa: ANN202 - a ctypes function or None
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt  # glibc only (musl has no mallopt)
+    except (OSError, AttributeError):
+        return None
+
+
+def retain_freed_memory(on: bool = True) -> bool:
+    """Keep freed memory in the process (``on``) or restore glibc's defaults (``on=False``: mmap for large
+    blocks, trim the heap above 128 KiB free). Returns whether the setting applied (glibc on Linux)."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    if on:
+        settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+    else:
+        settings = _GLIBC_DEFAULTS
+    return all(mallopt(param, value) == 1 for param, value in settings.items())
