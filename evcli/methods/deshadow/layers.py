@@ -39,8 +39,8 @@ class ConvLayer(nn.Module):
         return F.leaky_relu(y, 0.2, inplace=not torch.is_grad_enabled()) if self.act else y
 
     # fp32 convs of dilation up to this run with oneDNN's zero padding and recompute the border bands with
-    # reflection (a few % of the pixels) instead of writing a reflection-padded copy of the input: 7 % faster
-    # LAB-Net in fp32, none in bf16, whose maps fit in the cache (bench/deshadow.py machine)
+    # reflection (a few % of the pixels) instead of writing a reflection-padded copy of the input: 2 % faster
+    # LAB-Net in fp32, none in bf16, whose maps fit in the cache (bench/deshadow.py's machine)
     BORDER_FIX_MAX = 8
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
