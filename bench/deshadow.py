@@ -13,8 +13,8 @@ down, so the best one is what the machine can do, and efficiencies against it ar
 runs as the plain module-by-module forward (NCHW, channels-last, bf16), the fused CPU inference path
 (``layers.fused_inference``: what ``evcli deshadow`` runs, fp32 and ``--precision bf16``) and torch.compile
 of the plain forward (inductor, frozen weights, channels-last). Peak memory is measured once per model in a
-child process (VmHWM). Everything runs with ``evcli.runtime.retain_freed_memory`` as the CLI does, one
-variant also without it (glibc's defaults).
+child process (VmHWM). Everything runs with ``evcli.runtime.retain_freed_memory`` as the CLI does; the
+fused fp32 LAB-Net is also timed in fresh child processes with and without it (glibc's defaults).
 
     python bench/deshadow.py [--rounds 3] [--val-images 16] [--val-size 128] [--no-compile]
 """
@@ -66,21 +66,6 @@ def build_labnet_bf16() -> torch.nn.Module:
     net = build_labnet(True).to(torch.bfloat16)
     net.final.float()
     return net
-
-
-def glibc_default(fn):  # noqa: ANN001, ANN201 - any callable model
-    """``fn`` run with glibc's default malloc settings (large blocks mmap'ed, returned on free), not the
-    CLI's ``evcli.runtime.retain_freed_memory`` that the rest of the bench runs with."""
-    from evcli.runtime import retain_freed_memory
-
-    def run(*args):  # noqa: ANN002, ANN202
-        retain_freed_memory(False)
-        try:
-            return fn(*args)
-        finally:
-            retain_freed_memory(True)
-
-    return run
 
 
 def plain(fn):  # noqa: ANN001, ANN201 - any callable model
@@ -138,20 +123,28 @@ def quality(n_images: int, size: int) -> dict:
     return {"images": len(samples), "size": size, "photos": list(VAL_PHOTOS), "methods": results}
 
 
-def peak_memory_child(model: str, w: int, h: int) -> float:
-    """Peak RSS growth (MiB) of one w x h forward of ``model`` in a child process: the kernel's high-water
-    mark (VmHWM) is reset after the model is built (``/proc/self/clear_refs``), then read after the forward."""
+def child_run(model: str, w: int, h: int, reps: int = 0, retain: bool = True) -> dict:
+    """One process of its own for ``model``: peak RSS growth (MiB) over a warm-up forward and ``reps`` timed
+    ones, and their times. The kernel's high-water mark (VmHWM) is reset after the model is built
+    (``/proc/self/clear_refs``). ``retain``: with ``evcli.runtime.retain_freed_memory`` as the CLI runs,
+    or with glibc's default malloc (a fresh process: the setting cannot be undone once the heap holds the
+    freed maps)."""
     code = (
-        f"import torch, sys; sys.path.insert(0, {str(ROOT)!r}); import deshadow as b; "
-        "from evcli.runtime import retain_freed_memory; retain_freed_memory();"
+        f"import time, torch, sys; sys.path.insert(0, {str(ROOT)!r}); import deshadow as b; "
+        f"from evcli.runtime import retain_freed_memory; {'retain_freed_memory()' if retain else 'pass'}; "
         "torch.set_grad_enabled(False);"
         f"m = b.build_{model}(); x = torch.rand(1, 3, {h}, {w}); k = b._mask({h}, {w}, 0.15);"
+        "x = x.contiguous(memory_format=torch.channels_last) if 'labnet' in " + repr(model) + " else x;"
         "kb = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
-        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS'); m(x, k); print(kb('VmHWM'), base)"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS'); m(x, k); times = []\n"
+        f"for _ in range({reps}):\n t0 = time.perf_counter(); m(x, k); times.append(time.perf_counter() - t0)\n"
+        "print(kb('VmHWM'), base, *times)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200)
-    peak, base = (int(v) for v in out.stdout.split())
-    return round((peak - base) / 1024.0, 1)  # KiB -> MiB
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    peak, base, *times = out.stdout.split()
+    return {"peak_mib": round((int(peak) - int(base)) / 1024.0, 1), "times": [float(t) for t in times]}
 
 
 class DynTimer:
@@ -248,7 +241,6 @@ def main() -> None:
         "labnet_plain": lambda: plain(labnet)(x, mask),
         "labnet_plain_channels_last": lambda: plain(labnet_cl)(x_cl, mask),
         "labnet_channels_last": lambda: labnet_cl(x_cl, mask),
-        "labnet_channels_last_glibc_default": lambda: glibc_default(labnet_cl)(x_cl, mask),
         "conv3x3_48_bf16": lambda: conv_bf16(conv_x_bf16),
         "labnet_bf16_plain": lambda: plain(labnet_bf16)(x_cl, mask),
         "labnet_bf16": lambda: labnet_bf16(x_cl, mask),
@@ -305,19 +297,32 @@ def main() -> None:
         "latency_plain_nchw_s": med["labnet_plain"],
         "latency_plain_channels_last_s": med["labnet_plain_channels_last"],
         "latency_fused_channels_last_s": med["labnet_channels_last"],
-        "latency_fused_channels_last_glibc_default_s": med["labnet_channels_last_glibc_default"],
         "latency_bf16_plain_s": med["labnet_bf16_plain"],
         "latency_bf16_fused_s": med["labnet_bf16"],
         "efficiency_plain_nchw": eff(macs["labnet"], med["labnet_plain"]),
         "efficiency_plain_channels_last": eff(macs["labnet"], med["labnet_plain_channels_last"]),
         "efficiency_fused_channels_last": eff(macs["labnet"], med["labnet_channels_last"]),
-        "efficiency_fused_channels_last_glibc_default": eff(macs["labnet"], med["labnet_channels_last_glibc_default"]),
         "efficiency_bf16_plain": eff_bf16(macs["labnet"], med["labnet_bf16_plain"]),
         "efficiency_bf16_fused": eff_bf16(macs["labnet"], med["labnet_bf16"]),
         "cli": "evcli deshadow runs the fused path (fp32 channels-last; --precision bf16 for the bf16 row)",
-        "peak_memory_mib": peak_memory_child("labnet_cl", w, h),
-        "peak_memory_bf16_mib": peak_memory_child("labnet_bf16", w, h),
+        "peak_memory_mib": child_run("labnet_cl", w, h)["peak_mib"],
+        "peak_memory_bf16_mib": child_run("labnet_bf16", w, h)["peak_mib"],
         "compile": compile_info,
+    }
+    print("LAB-Net fused fp32 in child processes, glibc malloc defaults vs retained ...", file=sys.stderr)
+    runs = {retain: child_run("labnet_cl", w, h, reps=args.rounds, retain=retain) for retain in (False, True)}
+    lab["malloc"] = {
+        "what": "the fused fp32 path, each setting in a fresh process (warm-up + rounds), glibc's default malloc "
+        "(large maps mmap'ed and returned on free) vs evcli.runtime.retain_freed_memory (what the CLI runs)",
+        **{
+            ("retained" if retain else "glibc_default"): {
+                "latency_s": statistics.median(r["times"]),
+                "efficiency": eff(macs["labnet"], statistics.median(r["times"])),
+                "peak_memory_mib": r["peak_mib"],
+                "times": r["times"],
+            }
+            for retain, r in runs.items()
+        },
     }
     if "labnet_compiled" in med:
         lab["latency_compiled_s"] = med["labnet_compiled"]
@@ -333,7 +338,7 @@ def main() -> None:
             "latency_sparse_area": 0.1,
             "latency_dense_s": med["sadc_dense"],
             "efficiency_dense": eff(macs["sadc_dense"], med["sadc_dense"]),
-            "peak_memory_sparse_mib": peak_memory_child("sadc", w, h),
+            "peak_memory_sparse_mib": child_run("sadc", w, h)["peak_mib"],
             "note": "frozen random VGG16 hypercolumn (latency does not depend on its weights)",
         },
     }
