@@ -6,13 +6,15 @@ full-resolution forward (a 32-channel fp32 map of a 640x480 image is 39 MB) is n
 zeroes and maps it page by page on first touch: about 10 ms per map on a 2-core machine, 40 % of LAB-Net's
 fp32 time at 640x480 (bench/deshadow.py). :func:`retain_freed_memory` turns that off for the process, the
 way jemalloc or tcmalloc behave: large blocks come from the heap and freed memory stays there for the next
-map. The peak memory is the same; the process just keeps it until it exits. The CLI's inference commands
-call it; library code never does on its own.
+map. The cost is memory: the process keeps what it freed until it exits, and the heap fragments, so the
+peak resident memory of a 640x480 LAB-Net forward is about twice glibc's (1.36 vs 0.64 GB, bench). The
+CLI's inference command calls it unless ``EVCLI_MALLOC=default`` is set; library code never does on its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -40,3 +42,11 @@ def retain_freed_memory(on: bool = True) -> bool:
     else:
         settings = _GLIBC_DEFAULTS
     return all(mallopt(param, value) == 1 for param, value in settings.items())
+
+
+def retain_freed_memory_unless_opted_out() -> bool:
+    """:func:`retain_freed_memory`, unless the environment says ``EVCLI_MALLOC=default`` (keep glibc's
+    behaviour: slower full-size inference, half the peak memory)."""
+    if os.environ.get("EVCLI_MALLOC", "").strip().lower() == "default":
+        return False
+    return retain_freed_memory()

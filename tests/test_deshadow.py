@@ -443,11 +443,14 @@ def test_labnet_fused_bf16_is_close_to_plain_bf16():
     assert fused.dtype == plain.dtype and (fused - plain).abs().max() < 0.05 * plain.abs().max()
 
 
-def test_retain_freed_memory_toggles_glibc_malloc():
+def test_retain_freed_memory_toggles_glibc_malloc(monkeypatch: pytest.MonkeyPatch):
     import platform
     import sys
 
-    from evcli.runtime import retain_freed_memory
+    from evcli.runtime import retain_freed_memory, retain_freed_memory_unless_opted_out
+
+    monkeypatch.setenv("EVCLI_MALLOC", "default")
+    assert retain_freed_memory_unless_opted_out() is False  # the user kept glibc's defaults
 
     applied = retain_freed_memory()
     try:

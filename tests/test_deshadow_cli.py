@@ -270,7 +270,8 @@ def test_bf16_inference_is_close_to_fp32_and_refused_where_it_does_not_apply(tmp
         assert r.code == 0, r.stderr
         outs[precision] = np.asarray(Image.open(out), dtype=np.int16)
     diff = np.abs(outs["fp32"] - outs["bf16"])
-    assert diff.mean() < 1.0 and diff.max() <= 12  # bf16 moves pixels by a few 8-bit levels
+    # bf16 blocks with an fp32 residual: pixels move by ~1.5 8-bit levels at most on the bench's images
+    assert diff.mean() < 0.5 and diff.max() <= 4
     r = run_cli(["deshadow", str(img), "--precision", "fp16"])
     assert r.code == 2 and "fp32 or bf16" in r.stderr and "Traceback" not in r.stderr
     r = run_cli(["deshadow", str(img), "--method", "sadc", "--precision", "bf16"])

@@ -68,8 +68,9 @@ def load_remover(
 ) -> Remover:
     """Build the model of ``method`` (or of the weights' own recipe when ``method`` is None).
 
-    ``precision="bf16"`` runs LAB-Net's network in bfloat16 (the LAB conversions stay fp32): about 2.4x
-    faster on CPUs with AVX-512 BF16, pixels move by a few 8-bit levels at most (bench/deshadow.py).
+    ``precision="bf16"`` runs LAB-Net's blocks in bfloat16 and its global residual, last conv and the LAB
+    conversions in fp32: about 2x faster on CPUs with AVX-512 BF16, pixels move by 1.5 8-bit levels at
+    most on the bench's images (bench/deshadow.py).
 
     Raises:
         CheckpointError: no weights for a learned method, or weights that do not fit.
