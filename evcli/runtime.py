@@ -3,12 +3,13 @@
 glibc's malloc serves every block above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and gives it
 back to the kernel on ``free``. PyTorch's CPU allocator does not cache, so each large feature map of a
 full-resolution forward (a 32-channel fp32 map of a 640x480 image is 39 MB) is new memory, and the kernel
-zeroes and maps it page by page on first touch: about 10 ms per map on a 2-core machine, 40 % of LAB-Net's
-fp32 time at 640x480 (bench/deshadow.py). :func:`retain_freed_memory` turns that off for the process, the
-way jemalloc or tcmalloc behave: large blocks come from the heap and freed memory stays there for the next
-map. The cost is memory: the process keeps what it freed until it exits, and the heap fragments, so the
-peak resident memory of a 640x480 LAB-Net forward is about twice glibc's (1.36 vs 0.64 GB, bench). The
-CLI's inference command calls it unless ``EVCLI_MALLOC=default`` is set; library code never does on its own.
+zeroes and maps it page by page on first touch: LAB-Net's fused fp32 forward at 640x480 takes 5.6 s with
+glibc's defaults and 4.1 s without this (bench/deshadow.py, 2 cores). :func:`retain_freed_memory` turns
+that off for the process, the way jemalloc or tcmalloc behave: large blocks come from the heap and freed
+memory stays there for the next map. The cost is memory: the process keeps what it freed until it exits,
+and the heap fragments, so the peak resident memory of a 640x480 LAB-Net forward is about twice glibc's
+(1.36 vs 0.64 GB, bench). The CLI's inference command calls it unless ``EVCLI_MALLOC=default`` is set;
+library code never does on its own.
 """
 
 from __future__ import annotations
