@@ -4,11 +4,11 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MB) with 
 back to the kernel on ``free``. PyTorch's CPU allocator does not cache, so each large feature map of a
 full-resolution forward (a 32-channel fp32 map of a 640x480 image is 39 MB) is new memory, and the kernel
 zeroes and maps it page by page on first touch: LAB-Net's fused fp32 forward at 640x480 takes 5.6 s with
-glibc's defaults and 4.1 s without this (bench/deshadow.py, 2 cores). :func:`retain_freed_memory` turns
+glibc's defaults and 3.5 s without this (bench/deshadow.py, 2 cores). :func:`retain_freed_memory` turns
 that off for the process, the way jemalloc or tcmalloc behave: large blocks come from the heap and freed
 memory stays there for the next map. The cost is memory: the process keeps what it freed until it exits,
 and the heap fragments, so the peak resident memory of a 640x480 LAB-Net forward is about twice glibc's
-(1.36 vs 0.64 GB, bench). The CLI's inference command calls it unless ``EVCLI_MALLOC=default`` is set;
+(1.18 vs 0.62 GB, bench). The CLI's inference command calls it unless ``EVCLI_MALLOC=default`` is set;
 library code never does on its own.
 """
 

@@ -8,7 +8,7 @@ Usable without the CLI::
     result = remove_shadow(remover, rgb, mask)  # tensors [3, H, W] / [1, H, W] in [0, 1]
 
 At full resolution on CPU, call ``evcli.runtime.retain_freed_memory()`` once first, as the CLI does (glibc
-otherwise maps and zeroes fresh pages for every large feature map: 1.4x slower LAB-Net in fp32).
+otherwise maps and zeroes fresh pages for every large feature map: 1.6x slower LAB-Net in fp32).
 """
 
 from __future__ import annotations
