@@ -191,6 +191,7 @@ def test_bad_input_gets_one_error_line(tmp_path: Path, args: list[str], code: in
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr
+    assert "skip_corrupt" not in r.stderr  # a training-data hint has no place in inference
 
 
 def test_pretrained_vgg_missing_offline_stops_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
