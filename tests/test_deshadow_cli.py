@@ -151,6 +151,22 @@ def test_remove_subcommand_name_and_directory_with_masks(tmp_path: Path, tiny_ru
     )
 
 
+def test_folder_goes_past_a_corrupt_image_and_fails_at_the_end(tmp_path: Path):
+    for name in ("a", "c"):
+        _photo(tmp_path / "in" / f"{name}.png")
+    (tmp_path / "in" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    r = run_cli(["deshadow", str(tmp_path / "in"), "-o", str(out), "--method", "identity", "--no-compare", "--json"])
+    assert r.code == 3 and "Traceback" not in r.stderr
+    assert (out / "a.png").exists() and (out / "c.png").exists() and not (out / "b.png").exists()
+    assert "skipped b.png" in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 of 3 images could not be processed: b.png" in errors[0], r.stderr
+    report = json.loads(r.stdout)
+    assert [Path(e["input"]).name for e in report["images"]] == ["a.png", "c.png"]
+    assert [Path(f["input"]).name for f in report["failed"]] == ["b.png"]
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
 def test_gray_rgba_and_16_bit_images(tmp_path: Path, mode: str):
     img = _photo(tmp_path / "x.png", mode=mode)

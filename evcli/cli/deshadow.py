@@ -178,11 +178,29 @@ def remove(
             out = out / f"{source.stem}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         jobs = [(source, mask, out)]
-    results = [_remove_one(remover, img, m, out, tile, compare) for img, m, out in jobs]
-    report = {"method": remover.method, "weights": remover.weights, "images": results}
+    results, failed = [], []
+    for img, m, out in jobs:
+        if not source.is_dir():
+            results.append(_remove_one(remover, img, m, out, tile, compare))
+            continue
+        try:  # a folder goes on past an unreadable image or mask and fails at the end
+            results.append(_remove_one(remover, img, m, out, tile, compare))
+        except DataError as exc:
+            from evcli.console import warn
+
+            warn(f"skipped {img.name}: {exc}")
+            failed.append({"input": str(img), "error": str(exc)})
+    report = {"method": remover.method, "weights": remover.weights, "images": results, "failed": failed}
     rows = [("method", remover.method), ("weights", remover.weights), ("images", str(len(results)))]
     rows += [(r["input"], f"-> {r['output']} (mask: {r['mask_source']})") for r in results[:20]]
+    rows += [(f["input"], f"skipped: {f['error'][:70]}") for f in failed[:20]]
     print_result(report, json_out, "evcli deshadow", rows)
+    if failed:
+        names = ", ".join(Path(f["input"]).name for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        raise DataError(
+            f"{len(failed)} of {len(jobs)} images could not be processed: {names}",
+            hint="the others are written; fix or remove these and run again",
+        )
 
 
 def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: int, compare: bool) -> dict[str, Any]:

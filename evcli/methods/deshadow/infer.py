@@ -167,7 +167,7 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         rgb = load_rgb(path)
     except DataError as exc:  # the loader's hint speaks of training data (data.skip_corrupt)
-        exc.hint = "fix or remove it (the images before it are written)" if "corrupt" in str(exc) else exc.hint
+        exc.hint = "fix or replace it" if "corrupt" in str(exc) else exc.hint
         raise
     img = np.asarray(rgb, dtype=np.float32) / 255.0
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()
