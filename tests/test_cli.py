@@ -119,6 +119,7 @@ def test_bad_input_one_line_and_exit_code(
         assert len(errors) == 1, r.stderr
     if "corrupt" in text:  # found while training: the run had started, but no checkpoint was written
         assert not list(out.rglob("*.safetensors")) and not list(out.rglob("*.tmp"))
+        assert "data.skip_corrupt=true" in r.stderr  # the hint of a training folder
     else:  # found before the first step: no run folder at all
         assert not out.exists()
 

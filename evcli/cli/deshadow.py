@@ -180,13 +180,12 @@ def remove(
         jobs = [(source, mask, out)]
     results, failed = [], []
     for img, m, out in jobs:
-        if not source.is_dir():
-            results.append(_remove_one(remover, img, m, out, tile, compare))
-            continue
-        try:  # a folder goes on past an unreadable image or mask and fails at the end
+        try:
             results.append(_remove_one(remover, img, m, out, tile, compare))
         except DataError as exc:
-            from evcli.console import warn
+            if not source.is_dir():
+                raise
+            from evcli.console import warn  # a folder goes on past an unreadable image or mask, fails at the end
 
             warn(f"skipped {img.name}: {exc}")
             failed.append({"input": str(img), "error": str(exc)})

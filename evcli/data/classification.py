@@ -116,7 +116,12 @@ class FolderSource(ImageSource):
         self.labels = [self.labels[i] for i in keep]
 
     def load(self, index: int) -> Image.Image:
-        return load_rgb(self.paths[index])
+        try:
+            return load_rgb(self.paths[index])
+        except DataError as exc:
+            if "corrupt" in str(exc):  # a training folder can skip such files
+                exc.hint = "fix or remove it, or set data.skip_corrupt=true to skip such files"
+            raise
 
 
 class ArraySource(ImageSource):

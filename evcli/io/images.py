@@ -33,7 +33,7 @@ def load_rgb(path: str | Path) -> Image.Image:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
             f"corrupt or unreadable image: {p} ({reason})",
-            hint="fix or remove it, or set data.skip_corrupt=true to skip such files",
+            hint="fix or replace it",
         ) from exc
 
 

@@ -164,12 +164,7 @@ def remove_shadow(remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile:
 
 def read_image(path: Path) -> torch.Tensor:
     """An image file as RGB [3, H, W] in [0, 1] (16-bit, grayscale, RGBA handled; DataError names the file)."""
-    try:
-        rgb = load_rgb(path)
-    except DataError as exc:  # the loader's hint speaks of training data (data.skip_corrupt)
-        exc.hint = "fix or replace it" if "corrupt" in str(exc) else exc.hint
-        raise
-    img = np.asarray(rgb, dtype=np.float32) / 255.0
+    img = np.asarray(load_rgb(path), dtype=np.float32) / 255.0
     return torch.from_numpy(img).permute(2, 0, 1).contiguous()
 
 

@@ -18,6 +18,13 @@ from evcli.methods.deshadow.layers import ConvLayer, conv1x1_sum, dilate, fused_
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])  # 4-neighbour Laplacian
 
 
+def _std_from_sums(total: torch.Tensor, squares: torch.Tensor, n: int) -> torch.Tensor:
+    """Sample standard deviation from the sum and the sum of squares of ``n`` values (a Laplacian response
+    has a mean near 0: no cancellation)."""
+    mean = total / n
+    return ((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0.0).sqrt()
+
+
 class EnhancedChannelAttention(nn.Module):
     """ECA: depthwise 3x3 Laplacian (no padding) -> per-channel std over H, W -> Linear(c, c/8) + LeakyReLU
     -> Linear(c/8, c) + sigmoid -> rescale the input.
@@ -50,12 +57,9 @@ class EnhancedChannelAttention(nn.Module):
         edges = F.conv2d(x, self.kernel.to(x.dtype), groups=self.channels)
         if edges.is_contiguous(memory_format=torch.channels_last) and not edges.is_contiguous():
             # channels-last: the std from the first two moments, one pass each without a copy (2.4x faster
-            # than aten's std over that layout); a Laplacian response has a mean near 0, no cancellation
+            # than aten's std over that layout)
             flat = edges.permute(0, 2, 3, 1).flatten(1, 2)  # [N, HW, C]
-            n = flat.shape[1]
-            mean = flat.mean(dim=1)
-            var = ((flat * flat).sum(dim=1) - n * mean * mean) / max(n - 1, 1)
-            stat = var.clamp_min(0.0).sqrt()
+            stat = _std_from_sums(flat.sum(dim=1), (flat * flat).sum(dim=1), flat.shape[1])
         else:
             stat = edges.flatten(2).std(dim=2)
         return self.weights_from_std(stat)
@@ -84,9 +88,7 @@ class EnhancedChannelAttention(nn.Module):
                 flat = edges.permute(0, 2, 3, 1).reshape(-1, c)  # [rows x W, c]; a view for channels-last maps
                 total += flat.sum(dim=0).float()
                 squares += (flat * flat).sum(dim=0).float()
-            n = (h - 2) * (w - 2)
-            mean = total / n
-            stats.append(((squares - n * mean * mean) / max(n - 1, 1)).clamp_min(0.0).sqrt())
+            stats.append(_std_from_sums(total, squares, (h - 2) * (w - 2)))
         return torch.cat(stats)[None]
 
     def macs(self, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> int:
