@@ -192,7 +192,7 @@ def remove(
     report = {"method": remover.method, "weights": remover.weights, "images": results, "failed": failed}
     rows = [("method", remover.method), ("weights", remover.weights), ("images", str(len(results)))]
     rows += [(r["input"], f"-> {r['output']} (mask: {r['mask_source']})") for r in results[:20]]
-    rows += [(f["input"], f"skipped: {f['error'][:70]}") for f in failed[:20]]
+    rows += [(f["input"], f"skipped: {f['error']}") for f in failed[:20]]
     print_result(report, json_out, "evcli deshadow", rows)
     if failed:
         names = ", ".join(Path(f["input"]).name for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
