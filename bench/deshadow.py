@@ -79,12 +79,23 @@ def plain(fn):  # noqa: ANN001, ANN201 - any callable model
     return run
 
 
+class SADCWithVGG(torch.nn.Module):
+    """SADC and its frozen VGG16 as one callable (x, mask), as `evcli deshadow` runs them (MACs include VGG)."""
+
+    def __init__(self, net: torch.nn.Module, vgg: torch.nn.Module):
+        super().__init__()
+        self.net, self.vgg = net, vgg
+        self.dyn = net.dyn
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x, mask, self.vgg)
+
+
 def build_sadc(sparse: bool = True) -> torch.nn.Module:
     from evcli.methods.deshadow.layers import vgg16_features
     from evcli.methods.deshadow.sadc import SADCNet
 
-    net = SADCNet(vgg16_features("random", None)[0], 64, sparse=sparse).eval()
-    return net
+    return SADCWithVGG(SADCNet(64, sparse=sparse), vgg16_features("random", None)[0]).eval()
 
 
 def quality(n_images: int, size: int) -> dict:
@@ -110,7 +121,7 @@ def quality(n_images: int, size: int) -> dict:
         with torch.no_grad():
             for s in samples:
                 mask = (s["mask"] > 0.9).float()[None]
-                pred = remover.model(s["shadow"][None], mask).clamp(0, 1)
+                pred = remover.run(s["shadow"][None], mask).clamp(0, 1)
                 preds[name].append(pred)
                 for acc in accs.values():
                     acc.update(pred, s["free"][None], mask)

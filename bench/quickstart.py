@@ -42,7 +42,7 @@ def main() -> None:
         "top5": report["metrics"]["top5"],
         "val_loss": report["metrics"]["loss"],
         "steps": report["steps"],
-        "img_per_s": report["img_per_s"],
+        "img_per_s": report["samples_per_s"],
         "parameters": report["parameters"],
         "data": report["data"],
     }

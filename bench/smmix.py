@@ -74,8 +74,7 @@ def build(method: str, args: argparse.Namespace, switch_prob: float = 0.5) -> An
     }
     recipe = resolve_recipe("mix", flags=flags)
     trainer = Trainer(recipe, get_command("mix").load_method_class()(recipe), run_dir=None)
-    trainer._build(for_training=True)
-    trainer._prepare()
+    trainer._setup_training()
     return trainer
 
 
@@ -93,9 +92,9 @@ def part_cost(args: argparse.Namespace) -> dict[str, Any]:
     from evcli.methods.mix import smmix as sm
 
     trainers = {m: build(m, args) for m in METHODS}
-    reference = trainers["none"].unwrapped.state_dict()
+    reference = trainers["none"].eval_modules().unwrap("model").state_dict()
     for m in ("cutmix", "smmix"):
-        trainers[m].method.weights_target(trainers[m].unwrapped).load_state_dict(reference)
+        trainers[m].method.backbone(trainers[m].eval_modules().unwrap("model")).load_state_dict(reference)
     t0 = trainers["none"]
     x, y = next(iter(t0.train_loader))
     batch = (x.to(t0.accelerator.device), y.to(t0.accelerator.device))
@@ -118,7 +117,7 @@ def part_cost(args: argparse.Namespace) -> dict[str, Any]:
                     branch.append(float(out.logs.get("smmix", torch.tensor(0.0))))
     # breakdown of the SMMix branch on the same batch
     tr = trainers["smmix"]
-    net = tr.unwrapped
+    net = tr.eval_modules().unwrap("model")
     adapter, grid = net.adapter, tr.method.grid
     motivating, mixing = [], []
     for _ in range(args.steps):

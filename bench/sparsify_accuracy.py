@@ -46,8 +46,8 @@ def main() -> None:
     os.environ.setdefault("EVCLI_NO_PROGRESS", "1")
     import torch
 
+    from evcli.api import train as run_training
     from evcli.console import set_quiet
-    from evcli.engine.run import run_training
     from evcli.recipe import resolve_recipe
 
     torch.set_num_threads(args.threads)

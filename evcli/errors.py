@@ -57,6 +57,13 @@ class HardwareError(EvcliError):
     exit_code = EXIT_HARDWARE
 
 
+class MethodContractError(EvcliError):
+    """A method broke the engine contract (a frozen module with trainable parameters, an optimizer over
+    parameters of no trained module): a bug of the method, named precisely."""
+
+    exit_code = EXIT_FAILURE
+
+
 class TrainingDiverged(EvcliError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,42 +26,12 @@ from typing import Any, Literal
 
 import tomllib
 
+from evcli.durations import Duration, parse_duration
 from evcli.errors import RecipeError
 from evcli.yamlio import dump_yaml, load_yaml, parse_scalar
 
 SCHEMA_VERSION = 1
 BUILTIN_IMG_SIZE = 32  # default input size on the built-in data (its images are 8x8)
-
-
-class Duration(str):
-    """A length of training: ``"10%"`` of all steps, ``"5ep"`` epochs or ``"200step"`` steps."""
-
-
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|ep|epochs?|steps?)\s*$")
-
-
-def parse_duration(text: str) -> tuple[float, str]:
-    """Split a duration into (amount, unit) with unit one of ``%``, ``ep``, ``step``.
-
-    Raises:
-        ValueError: the text is not a duration.
-    """
-    m = _DURATION_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (use e.g. '10%', '5ep' or '200step')")
-    amount, unit = float(m.group(1)), m.group(2)
-    unit = "ep" if unit.startswith("ep") else ("step" if unit.startswith("step") else "%")
-    return amount, unit
-
-
-def resolve_duration(text: str, steps_per_epoch: int, total_steps: int) -> int:
-    """Number of optimizer steps a duration stands for in a run of ``total_steps`` steps."""
-    amount, unit = parse_duration(text)
-    if unit == "%":
-        return int(round(amount / 100.0 * total_steps))
-    if unit == "ep":
-        return int(round(amount * steps_per_epoch))
-    return int(amount)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,6 +88,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
     eps: float = 1e-8
     clip_grad: float | None = None  # max global grad norm
+    # settings of one named optimizer of the method (e.g. {D: {lr: 2e-4}, G: {sched: linear}}): any key of
+    # `optim` or `schedule`, over this section and `schedule`; a name the method does not define is an error
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,12 +99,13 @@ class ScheduleConfig:
 
     epochs: int = 300
     max_steps: int | None = None  # cap on optimizer steps (smoke runs); relative units follow it
-    sched: Literal["cosine", "step", "constant"] = "cosine"
+    sched: Literal["cosine", "step", "constant", "linear"] = "cosine"  # linear: constant, then linearly to 0
     warmup: Duration = Duration("0step")  # linear warm-up from warmup_lr
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5  # cosine floor
     milestones: list[Duration] = field(default_factory=list)  # step schedule: lr *= gamma at each
     gamma: float = 0.1
+    decay_start: Duration = Duration("0step")  # linear schedule: lr constant until here, then linearly to 0
 
 
 @dataclass
@@ -141,7 +114,8 @@ class TrainConfig:
 
     seed: int = 0
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # null: what `accelerate launch --mixed_precision` / `accelerate config` set, else no
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     ema: bool = False  # keep an exponential moving average of the weights (evaluated and exported)
     ema_decay: float = 0.9998
     eval_every: Duration = Duration("1ep")
@@ -150,6 +124,7 @@ class TrainConfig:
     best_metric: str = "top1"  # metric (from the method's evaluate) that selects best.safetensors
     best_mode: Literal["max", "min"] = "max"  # whether higher or lower best_metric is better
     cpu: bool = False  # force CPU even when CUDA is available
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ...
 
 
 @dataclass
@@ -425,9 +400,17 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_keys(layer: dict[str, Any], command: str, method_cls: type, source: str) -> None:
+def command_sections(command: str) -> dict[str, type]:
+    """Section name -> schema of a command's recipe: the common sections (a command may replace one with its
+    own typed section, e.g. point clouds' ``data`` without ``img_size``) plus its method section."""
+    from evcli.registry import get_command
+
+    spec = get_command(command)
+    return {**COMMON_SECTIONS, **spec.sections, command: spec.config}
+
+
+def _check_keys(layer: dict[str, Any], sections: dict[str, type], source: str) -> None:
     """Reject unknown sections/keys of one layer, naming where they came from."""
-    sections = {**COMMON_SECTIONS, command: method_cls}
     for dotted in _flatten(layer):
         parts = dotted.split(".")
         if parts[0] in ("evcli", "command") and len(parts) == 1:
@@ -471,6 +454,7 @@ def resolve_recipe(
     from evcli.registry import get_command
 
     spec = get_command(command)
+    sections_map = command_sections(command)
     provenance: dict[str, str] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
     if base is not None:
@@ -487,7 +471,7 @@ def resolve_recipe(
 
     merged: dict[str, Any] = {}
     for source, layer in layers:
-        _check_keys(layer, command, spec.config, source)
+        _check_keys(layer, sections_map, source)
         for k in _flatten(layer):
             provenance[k] = source
         merged = _deep_merge(merged, layer)
@@ -499,7 +483,7 @@ def resolve_recipe(
     if rec_command != command:
         raise RecipeError(f"this recipe is for 'evcli {rec_command}', not 'evcli {command}'")
     try:
-        sections = {name: build_section(cls, merged.get(name), name) for name, cls in COMMON_SECTIONS.items()}
+        sections = {name: build_section(sections_map[name], merged.get(name), name) for name in COMMON_SECTIONS}
         method = build_section(spec.config, merged.get(command), command)
     except RecipeError as exc:
         key = exc.message.split("'")[1] if "'" in exc.message else ""
@@ -509,7 +493,7 @@ def resolve_recipe(
             exc.args = (exc.message,)
         raise
     recipe = Recipe(command=command, method=method, provenance=provenance, **sections)
-    if recipe.data.img_size is None:
+    if getattr(recipe.data, "img_size", 0) is None:
         recipe.data.img_size = BUILTIN_IMG_SIZE if recipe.data.path is None else 224
     validate_recipe(recipe)
     return recipe
@@ -519,7 +503,7 @@ def validate_recipe(recipe: Recipe) -> None:
     """Checks across keys that types alone cannot express."""
     if recipe.data.batch_size < 1:
         raise RecipeError("recipe key 'data.batch_size' must be >= 1")
-    if recipe.data.img_size < 1:
+    if getattr(recipe.data, "img_size", 1) < 1:
         raise RecipeError("recipe key 'data.img_size' must be >= 1")
     if recipe.schedule.epochs < 1:
         raise RecipeError("recipe key 'schedule.epochs' must be >= 1")
@@ -531,7 +515,8 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("recipe key 'optim.lr' must be > 0")
     if recipe.data.workers < 0:
         raise RecipeError("recipe key 'data.workers' must be >= 0")
-    if len(recipe.data.scale) != 2 or not 0 < recipe.data.scale[0] <= recipe.data.scale[1] <= 1:
+    scale = getattr(recipe.data, "scale", [0.5, 1.0])
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise RecipeError("recipe key 'data.scale' must be [min, max] with 0 < min <= max <= 1")
     check = getattr(recipe.method, "validate", None)
     if check is not None:

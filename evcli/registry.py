@@ -25,6 +25,7 @@ class CommandSpec:
     implementation: str  # "module:Class" of the engine Method, imported lazily
     help: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)  # dotted keys over the common sections
+    sections: dict[str, type] = field(default_factory=dict)  # common sections this command replaces
 
     def load_method_class(self) -> type:
         module, _, attr = self.implementation.partition(":")
@@ -35,12 +36,20 @@ _COMMANDS: dict[str, CommandSpec] = {}
 
 
 def register_command(
-    name: str, implementation: str, help: str = "", defaults: dict[str, Any] | None = None
+    name: str,
+    implementation: str,
+    help: str = "",
+    defaults: dict[str, Any] | None = None,
+    sections: dict[str, type] | None = None,
 ) -> Callable[[type], type]:
-    """Class decorator registering a method config dataclass as the schema of subcommand ``name``."""
+    """Class decorator registering a method config dataclass as the schema of subcommand ``name``.
+
+    ``sections`` replaces common recipe sections by the command's own typed ones (same name, e.g. a
+    ``data`` section for point clouds without ``img_size``).
+    """
 
     def wrap(cls: type) -> type:
-        _COMMANDS[name] = CommandSpec(name, cls, implementation, help, dict(defaults or {}))
+        _COMMANDS[name] = CommandSpec(name, cls, implementation, help, dict(defaults or {}), dict(sections or {}))
         return cls
 
     return wrap

@@ -9,11 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evcli.data.classification import (
-    ShardedBatchSampler,
-    build_classification_data,
-    builtin_digits,
-)
+from evcli.data.classification import build_classification_data, builtin_digits
+from evcli.data.loading import ShardedBatchSampler
 from evcli.errors import DataError
 from evcli.io.images import load_rgb
 from evcli.recipe import resolve_recipe

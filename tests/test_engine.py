@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from evcli.api import resume as prepare_resume
+from evcli.api import train as run_training
 from evcli.engine.optim import LRSchedule
-from evcli.engine.run import prepare_resume, run_training
 from evcli.engine.trainer import Trainer
 from evcli.errors import Interrupted, TrainingDiverged, UsageError
 from evcli.io.checkpoint import read_metadata
@@ -80,7 +81,7 @@ def test_resume_after_interrupt_is_bit_exact(folder: Path, tmp_path: Path, monke
             run_training(resolve_recipe("mix", flags=_flags(folder, tmp_path / "split")))
     assert read_metadata(tmp_path / "split" / "checkpoints" / "last.safetensors")["step"] == 4
     recipe, ckpt = prepare_resume("mix", tmp_path / "split", {}, [], force=False)
-    resumed = run_training(recipe, resume_checkpoint=ckpt)
+    resumed = run_training(recipe, resume_from=ckpt)
     assert resumed["steps"] == 9
     _assert_identical(_weights(tmp_path / "full"), _weights(tmp_path / "split"))
     _assert_identical(
@@ -105,7 +106,7 @@ def test_resume_after_kill_continues_from_last_checkpoint(
     assert read_metadata(tmp_path / "killed" / "checkpoints" / "last.safetensors")["step"] == 4
     assert not list((tmp_path / "killed" / "checkpoints").glob("*.tmp"))
     recipe, ckpt = prepare_resume("mix", tmp_path / "killed", {}, [], force=False)
-    run_training(recipe, resume_checkpoint=ckpt)
+    run_training(recipe, resume_from=ckpt)
     _assert_identical(_weights(tmp_path / "full"), _weights(tmp_path / "killed"))
 
 
@@ -157,8 +158,8 @@ def test_checkpoint_carries_recipe_and_state(folder: Path, tmp_path: Path):
     assert meta["kind"] == "training" and meta["step"] == 2
     assert meta["recipe"]["mix"]["method"] == "cutmix"
     tensors = load_file(str(tmp_path / "c" / "checkpoints" / "last.safetensors"))
-    assert any(k.startswith("state.optimizers.0.state.") and k.endswith("exp_avg") for k in tensors)
-    assert any(k.startswith("ema.") for k in tensors)
+    assert any(k.startswith("state.optimizers.main.state.") and k.endswith("exp_avg") for k in tensors)
+    assert any(k.startswith("ema.model.") for k in tensors)
     saved = (tmp_path / "c" / "resolved_recipe.yaml").read_text()
     assert "method: cutmix" in saved
 

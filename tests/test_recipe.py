@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from evcli.cli.common import shipped_recipes
+from evcli.durations import parse_duration, resolve_duration
 from evcli.errors import RecipeError
-from evcli.recipe import Recipe, parse_duration, recipe_from_saved, resolve_duration, resolve_recipe
+from evcli.recipe import Recipe, recipe_from_saved, resolve_recipe
 from evcli.yamlio import dump_yaml, load_yaml
 
 

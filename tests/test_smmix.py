@@ -156,14 +156,15 @@ def test_cli_smmix_trains_saves_picture_and_exports_plain_backbone(tmp_path: Pat
     assert set(weights) == set(plain.state_dict())  # token head dropped
     plain.load_state_dict(weights)
     ckpt = load_file(str(run / "checkpoints" / "last.safetensors"))
-    assert "model.token_head.weight" in ckpt  # ...but trained and checkpointed
+    assert "module.model.token_head.weight" in ckpt  # ...but trained and checkpointed
     r = run_cli(["mix", "eval", str(run / "final.safetensors"), "--json"])
     assert r.code == 0, r.stderr
     assert json.loads(r.stdout)["metrics"]["top1"] == pytest.approx(report["metrics"]["top1"])
 
 
 def test_smmix_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from evcli.engine.run import prepare_resume, run_training
+    from evcli.api import resume as prepare_resume
+    from evcli.api import train as run_training
     from evcli.engine.trainer import Trainer
     from evcli.recipe import resolve_recipe
     from evcli.testing import TINY_FLAGS
@@ -192,7 +193,7 @@ def test_smmix_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         run_training(resolve_recipe("mix", flags={**flags, "out.dir": str(tmp_path / "split")}))
     monkeypatch.undo()
     recipe, ckpt = prepare_resume("mix", tmp_path / "split", {}, [], force=False)
-    run_training(recipe, resume_checkpoint=ckpt)
+    run_training(recipe, resume_from=ckpt)
     a, b = (
         load_file(str(tmp_path / "full" / "final.safetensors")),
         load_file(str(tmp_path / "split" / "final.safetensors")),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -42,20 +45,74 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
-# Training flags shared by every training subcommand (each maps to one recipe key, see TRAIN_FLAG_KEYS).
-WeightsOption = flag("--weights", help="Pretrained weights, a local .safetensors file.")
-InitFromOption = flag("--init-from", help="Start from another run's weights (run folder or .safetensors).")
-EpochsOption = flag("--epochs", help="Training epochs.")
-MaxStepsOption = flag("--max-steps", help="Stop after this many optimizer steps.")
-BatchSizeOption = flag("--batch-size", "-b", help="Batch size per process.")
-LrOption = flag("--lr", help="Base learning rate.")
-SeedOption = flag("--seed", help="Random seed.")
-PrecisionOption = flag("--mixed-precision", help="no, bf16 or fp16 (CUDA).")
-GradAccumOption = flag("--grad-accum", help="Micro-batches per optimizer step.")
-EmaOption = typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False)
-WorkersOption = flag("--workers", help="Data-loading worker processes.")
-ResumeOption = flag("--resume", help="Continue the run in this folder exactly where it stopped.")
-ForceOption = typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule.")
+@dataclass
+class Flag:
+    """One command-line flag of a subcommand: its Python name, type, Typer option and the recipe key it sets
+    (None: the command handles it)."""
+
+    name: str
+    annotation: Any
+    option: Any
+    key: str | None = None
+
+
+# The flags of every training subcommand (a subcommand may replace one by declaring a flag of the same name,
+# e.g. with its own help text).
+COMMON_TRAIN_FLAGS: list[Flag] = [
+    Flag("recipe", str, RecipeOption),
+    Flag("data", Path, flag("--data", "-d", help="Data folder (default: the built-in data)."), "data.path"),
+    Flag("weights", Path, flag("--weights", help="Pretrained weights, a local .safetensors file."), "model.weights"),
+    Flag(
+        "init_from",
+        Path,
+        flag("--init-from", help="Start from another run's weights (run folder or .safetensors)."),
+        "model.init_from",
+    ),
+    Flag("epochs", int, flag("--epochs", help="Training epochs."), "schedule.epochs"),
+    Flag("max_steps", int, flag("--max-steps", help="Stop after this many optimizer steps."), "schedule.max_steps"),
+    Flag("batch_size", int, flag("--batch-size", "-b", help="Batch size per process."), "data.batch_size"),
+    Flag("lr", float, flag("--lr", help="Base learning rate."), "optim.lr"),
+    Flag("seed", int, flag("--seed", help="Random seed."), "train.seed"),
+    Flag(
+        "mixed_precision",
+        Precision,
+        flag("--mixed-precision", help="no, bf16 or fp16 (CUDA) (default: accelerate launch's, else no)."),
+        "train.mixed_precision",
+    ),
+    Flag("grad_accum", int, flag("--grad-accum", help="Micro-batches per optimizer step."), "train.grad_accum"),
+    Flag(
+        "ema",
+        bool,
+        typer.Option(None, "--ema/--no-ema", help="Keep an EMA of the weights.", show_default=False),
+        "train.ema",
+    ),
+    Flag("workers", int, flag("--workers", help="Data-loading worker processes."), "data.workers"),
+    Flag(
+        "log_with",
+        list[str],
+        typer.Option(
+            None,
+            "--log-with",
+            metavar="TRACKER",
+            help="Also log to an Accelerate tracker: tensorboard, wandb, mlflow, ... (repeatable).",
+            show_default=False,
+        ),
+        "train.log_with",
+    ),
+    Flag(
+        "out",
+        Path,
+        flag("--out", "-o", help="Run folder (default: runs/<command>/<time>-<model>-<method>)."),
+        "out.dir",
+    ),
+    Flag("resume", Path, flag("--resume", help="Continue the run in this folder exactly where it stopped.")),
+    Flag(
+        "force", bool, typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule.")
+    ),
+    Flag("sets", list[str], SetOption),
+    Flag("json_out", bool, JsonOption),
+    Flag("quiet", bool, QuietOption),
+]
 
 
 def recipe_flags(typed: dict[str, Any]) -> dict[str, Any]:
@@ -63,26 +120,113 @@ def recipe_flags(typed: dict[str, Any]) -> dict[str, Any]:
     with enums and paths turned into plain values."""
     plain = {}
     for key, value in typed.items():
-        if value is None:
+        if value is None or value == []:
             continue
         plain[key] = value.value if isinstance(value, Enum) else (str(value) if isinstance(value, Path) else value)
     return plain
 
 
+def _with_signature(fn: Callable[..., Any], flags: list[Flag], group: bool) -> Callable[..., Any]:
+    """Give ``fn(**kwargs)`` the signature Typer reads its options from."""
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.option, annotation=f.annotation)
+        for f in flags
+    ]
+    if group:
+        params.insert(0, inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
+def merge_flags(own: list[Flag], common: list[Flag]) -> list[Flag]:
+    """The subcommand's own flags first, then the common ones it did not replace."""
+    names = {f.name for f in own}
+    return [*own, *(f for f in common if f.name not in names)]
+
+
+def training_command(
+    command: str,
+    own: list[Flag],
+    rows: Callable[[dict[str, Any], Any], list[tuple[str, str]]],
+    title: str,
+    doc: str,
+    group: bool = True,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[..., Any]:
+    """The training entry of a subcommand: the common training flags plus ``own``, recipe resolution (or
+    ``--resume``), ``evcli.api.train``, and the result table of ``rows(report, recipe)`` (or ``--json``).
+
+    Args:
+        command: the registered command name.
+        own: the subcommand's own flags (a flag named like a common one replaces it).
+        rows: the result table's rows.
+        title: the result table's title.
+        doc: the help text of the command.
+        group: the function is a Typer group callback (``evcli X`` trains, ``evcli X eval`` ...).
+        check: called with the typed values before anything runs (cross-flag checks).
+    """
+    flags = merge_flags(own, COMMON_TRAIN_FLAGS)
+
+    def train(**kwargs: Any) -> None:
+        ctx = kwargs.pop("ctx", None)
+        if ctx is not None and ctx.invoked_subcommand is not None:
+            return
+        setup_output(kwargs["quiet"])
+        if check is not None:
+            check(kwargs)
+        values = recipe_flags({f.key: kwargs[f.name] for f in flags if f.key})
+        recipe, report = train_or_resume(
+            command, kwargs["recipe"], kwargs["resume"], kwargs["force"], values, kwargs["sets"]
+        )
+        if report:
+            print_result(report, kwargs["json_out"], title, rows(report, recipe))
+
+    train.__doc__ = doc
+    return _with_signature(train, flags, group)
+
+
+def export_command(command: str) -> Callable[..., Any]:
+    """``evcli X export RUN``: a run's checkpoint through the method's export, as plain weights."""
+
+    def export(
+        run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
+        output: Path = typer.Option(
+            None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
+        ),
+        which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+        json_out: bool = JsonOption,
+        quiet: bool = QuietOption,
+    ) -> None:
+        """Export a run's checkpoint as plain weights (.safetensors), train-only parts dropped."""
+        setup_output(quiet)
+        from evcli import api
+
+        report = api.export(command, run, which, output)
+        rows = [
+            ("from", report["checkpoint"]),
+            ("step", str(report["step"])),
+            ("weights", report["weights"]),
+            ("tensors", str(report["tensors"])),
+        ]
+        print_result(report, json_out, f"evcli {command} export", rows)
+
+    return export
+
+
 def train_or_resume(
     command: str, recipe: str | None, resume: Path | None, force: bool, flags: dict[str, Any], sets: list[str] | None
-) -> dict[str, Any]:
-    """Resolve the recipe (or the resumed run's) and train; returns the report."""
-    from evcli.engine.run import prepare_resume, run_training
-    from evcli.recipe import resolve_recipe
+) -> tuple[Any, dict[str, Any]]:
+    """Resolve the recipe (or the resumed run's) and train; returns the recipe and the report."""
+    from evcli import api
 
     if resume is not None:
         if recipe is not None:
             raise typer.BadParameter("--resume uses the run's own recipe; drop --recipe", param_hint="--recipe")
-        rec, ckpt = prepare_resume(command, Path(resume), flags, sets or [], force)
+        rec, ckpt = api.resume(command, Path(resume), flags, sets or [], force)
     else:
-        rec, ckpt = resolve_recipe(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
-    return rec, run_training(rec, resume_checkpoint=ckpt)
+        rec, ckpt = api.resolve(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None
+    return rec, api.train(rec, resume_from=ckpt)
 
 
 def shipped_recipes_root() -> Path:
@@ -138,10 +282,10 @@ def evaluate_weights(
     command: str, weights: Path, recipe: str | None, flags: dict[str, Any], sets: list[str] | None
 ) -> dict[str, Any]:
     """Evaluate a weights file or run folder with the recipe it was trained with (plus flags and --set)."""
-    from evcli.engine.run import evaluation_recipe, run_evaluation
+    from evcli import api
 
-    rec = evaluation_recipe(command, weights, find_recipe(recipe), recipe_flags(flags), sets or [])
-    return run_evaluation(rec, weights)
+    rec = api.evaluation_recipe(command, weights, find_recipe(recipe), recipe_flags(flags), sets or [])
+    return api.evaluate(rec, weights)
 
 
 def classifier_eval_rows(report: dict[str, Any]) -> list[tuple[str, str]]:

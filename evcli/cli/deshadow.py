@@ -8,7 +8,6 @@ to ``remove`` instead.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,18 @@ import typer
 from typer.core import TyperGroup
 
 from evcli.cli.common import (
-    BatchSizeOption,
-    EpochsOption,
-    ForceOption,
+    Flag,
     JsonOption,
-    LrOption,
-    MaxStepsOption,
     QuietOption,
     RecipeOption,
-    ResumeOption,
-    SeedOption,
     SetOption,
-    WeightsOption,
-    WorkersOption,
+    export_command,
     find_recipe,
+    flag,
     print_result,
     recipe_flags,
     setup_output,
-    train_or_resume,
+    training_command,
 )
 from evcli.errors import DataError, UsageError
 
@@ -204,8 +197,9 @@ def remove(
 
 def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: int, compare: bool) -> dict[str, Any]:
     from evcli.console import log
+    from evcli.io.images import save_png
     from evcli.methods.deshadow.baselines import estimate_shadow_mask
-    from evcli.methods.deshadow.infer import comparison, read_image, read_user_mask, remove_shadow, save_png
+    from evcli.methods.deshadow.infer import comparison, read_image, read_user_mask, remove_shadow
 
     rgb = read_image(image)
     entry: dict[str, Any] = {"input": str(image), "output": str(out), "size": [rgb.shape[2], rgb.shape[1]]}
@@ -233,98 +227,79 @@ def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: i
 # train
 
 
-@app.command("train")
-def train(
-    recipe: str = RecipeOption,
-    method: str = typer.Option(None, "--method", "-m", help="labnet or sadc (default: labnet).", show_default=False),
-    data: Path = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="ISTD (train_A/B/C, test_A/B/C) or SRD (train|test/shadow, shadow_free) root (default: built-in).",
-        show_default=False,
-    ),
-    layout: str = typer.Option(None, "--layout", help="auto, istd or srd.", show_default=False),
-    mask_dir: Path = typer.Option(None, "--mask-dir", help="SRD masks folder.", show_default=False),
-    img_size: int = typer.Option(None, "--img-size", help="Training crop (papers: 256 ISTD).", show_default=False),
-    vgg: str = typer.Option(
-        None, "--vgg", help="VGG16 weights: pretrained (ImageNet) or random (SADC release).", show_default=False
-    ),
-    vgg_weights: Path = typer.Option(
-        None, "--vgg-weights", help="ImageNet VGG16 weights (.safetensors).", show_default=False
-    ),
-    perceptual: bool = typer.Option(
-        None,
-        "--perceptual/--no-perceptual",
-        help="The VGG16 levels of the perceptual loss (off: its pixel L1 only).",
-        show_default=False,
-    ),
-    eca_laplacian: str = typer.Option(
-        None, "--eca-laplacian", help="LAB-Net ECA kernel: fixed (paper) or trainable (release).", show_default=False
-    ),
-    weights: Path = WeightsOption,
-    epochs: int = EpochsOption,
-    max_steps: int = MaxStepsOption,
-    batch_size: int = BatchSizeOption,
-    lr: float = LrOption,
-    seed: int = SeedOption,
-    workers: int = WorkersOption,
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder.", show_default=False),
-    resume: Path = ResumeOption,
-    force: bool = ForceOption,
-    sets: list[str] = SetOption,
-    json_out: bool = JsonOption,
-    quiet: bool = QuietOption,
-) -> None:
-    """Train LAB-Net or SADC (built-in rendered shadows without --data; ISTD/SRD layouts with it)."""
-    setup_output(quiet)
-    flags = recipe_flags(
-        {
-            "deshadow.method": _check_choice(method, ("labnet", "sadc"), "--method"),
-            "data.path": data,
-            "deshadow.layout": _check_choice(layout, ("auto", "istd", "srd"), "--layout"),
-            "deshadow.mask_dir": mask_dir,
-            "data.img_size": img_size,
-            "deshadow.vgg": _check_choice(vgg, ("pretrained", "random"), "--vgg"),
-            "deshadow.vgg_weights": vgg_weights,
-            "deshadow.perceptual": perceptual,
-            "deshadow.eca_laplacian": _check_choice(eca_laplacian, ("fixed", "trainable"), "--eca-laplacian"),
-            "model.weights": weights,
-            "schedule.epochs": epochs,
-            "schedule.max_steps": max_steps,
-            "data.batch_size": batch_size,
-            "optim.lr": lr,
-            "train.seed": seed,
-            "data.workers": workers,
-            "out.dir": out,
-        }
-    )
-    rec, report = train_or_resume("deshadow", recipe, resume, force, flags, sets)
-    if not report:
-        return
-    report["vgg"] = vgg_description(rec.method)
-    report["eval_resize"] = rec.method.eval_resize
-    from evcli.io.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(report["run_dir"]) / "report.json", json.dumps(report, indent=2) + "\n")
-    rows = [
+def _train_rows(report: dict[str, Any], recipe: Any) -> list[tuple[str, str]]:
+    return [
         ("method", f"{report['method']} ({report['parameters'] / 1e6:.3f}M params)"),
         ("steps", f"{report['steps']} ({report['epochs']:.2f} epochs, {report['device']})"),
         ("vgg", report["vgg"]),
-        *_metric_rows(report["metrics"], rec.method.eval_resize),
+        *_metric_rows(report["metrics"], recipe.method.eval_resize),
         ("weights", report["files"]["weights"]),
         ("report", str(Path(report["run_dir"]) / "report.json")),
     ]
-    print_result(report, json_out, "evcli deshadow train", rows)
 
 
-def vgg_description(cfg: Any) -> str:
-    """Which VGG16 a run used (the report states it)."""
-    if cfg.method == "labnet" and not cfg.perceptual:
-        return "none (perceptual term off: its pixel-level L1 only)"
-    if cfg.vgg == "random":
-        return "random VGG16 (fixed seed)"
-    return f"ImageNet VGG16 from {cfg.vgg_weights}" if cfg.vgg_weights else "ImageNet VGG16 from torchvision's cache"
+TRAIN_FLAGS = [
+    Flag("method", str, flag("--method", "-m", help="labnet or sadc (default: labnet)."), "deshadow.method"),
+    Flag(
+        "data",
+        Path,
+        flag(
+            "--data",
+            "-d",
+            help="ISTD (train_A/B/C, test_A/B/C) or SRD (train|test/shadow, shadow_free) root (default: built-in).",
+        ),
+        "data.path",
+    ),
+    Flag("layout", str, flag("--layout", help="auto, istd or srd."), "deshadow.layout"),
+    Flag("mask_dir", Path, flag("--mask-dir", help="SRD masks folder."), "deshadow.mask_dir"),
+    Flag("img_size", int, flag("--img-size", help="Training crop (papers: 256 ISTD)."), "data.img_size"),
+    Flag(
+        "vgg", str, flag("--vgg", help="VGG16 weights: pretrained (ImageNet) or random (SADC release)."), "deshadow.vgg"
+    ),
+    Flag(
+        "vgg_weights",
+        Path,
+        flag("--vgg-weights", help="ImageNet VGG16 weights (.safetensors)."),
+        "deshadow.vgg_weights",
+    ),
+    Flag(
+        "perceptual",
+        bool,
+        typer.Option(
+            None,
+            "--perceptual/--no-perceptual",
+            help="The VGG16 levels of the perceptual loss (off: its pixel L1 only).",
+            show_default=False,
+        ),
+        "deshadow.perceptual",
+    ),
+    Flag(
+        "eca_laplacian",
+        str,
+        flag("--eca-laplacian", help="LAB-Net ECA kernel: fixed (paper) or trainable (release)."),
+        "deshadow.eca_laplacian",
+    ),
+]
+
+
+def _check_train(typed: dict[str, Any]) -> None:
+    _check_choice(typed["method"], ("labnet", "sadc"), "--method")
+    _check_choice(typed["layout"], ("auto", "istd", "srd"), "--layout")
+    _check_choice(typed["vgg"], ("pretrained", "random"), "--vgg")
+    _check_choice(typed["eca_laplacian"], ("fixed", "trainable"), "--eca-laplacian")
+
+
+app.command("train")(
+    training_command(
+        "deshadow",
+        TRAIN_FLAGS,
+        _train_rows,
+        "evcli deshadow train",
+        "Train LAB-Net or SADC (built-in rendered shadows without --data; ISTD/SRD layouts with it).",
+        group=False,
+        check=_check_train,
+    )
+)
 
 
 def _metric_rows(m: dict[str, float], resize: str) -> list[tuple[str, str]]:
@@ -379,7 +354,7 @@ def evaluate(
     )
     if vgg_weights is not None:
         flags["deshadow.vgg"] = "pretrained"
-    from evcli.engine.run import evaluation_recipe, run_evaluation
+    from evcli import api
 
     if name in BASELINES:
         if weights is not None:
@@ -396,8 +371,8 @@ def evaluate(
                 raise UsageError(f"no default weights ship for --method {name}; give WEIGHTS")
         if name is not None:
             flags["deshadow.method"] = name
-        rec = evaluation_recipe("deshadow", weights, find_recipe(recipe), flags, sets or [])
-        report = run_evaluation(rec, weights)
+        rec = api.evaluation_recipe("deshadow", weights, find_recipe(recipe), flags, sets or [])
+        report = api.evaluate(rec, weights)
         report["method"] = rec.method.method
     report["eval_resize"] = rec.method.eval_resize
     rows = [
@@ -409,22 +384,4 @@ def evaluate(
     print_result(report, json_out, "evcli deshadow eval", rows)
 
 
-@app.command("export")
-def export(
-    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
-    output: Path = typer.Option(None, "--output", "-o", help="Output .safetensors file.", show_default=False),
-    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
-    json_out: bool = JsonOption,
-    quiet: bool = QuietOption,
-) -> None:
-    """Export a run's checkpoint as plain weights for `evcli deshadow IMAGE --weights`."""
-    setup_output(quiet)
-    from evcli.engine.run import run_export
-
-    report = run_export("deshadow", run, which, output)
-    print_result(
-        report,
-        json_out,
-        "evcli deshadow export",
-        [("from", report["checkpoint"]), ("step", str(report["step"])), ("weights", report["weights"])],
-    )
+app.command("export")(export_command("deshadow"))

@@ -8,30 +8,18 @@ from pathlib import Path
 import typer
 
 from evcli.cli.common import (
-    BatchSizeOption,
-    EmaOption,
-    EpochsOption,
-    ForceOption,
-    GradAccumOption,
-    InitFromOption,
+    Flag,
     JsonOption,
-    LrOption,
-    MaxStepsOption,
-    Precision,
-    PrecisionOption,
     QuietOption,
     RecipeOption,
-    ResumeOption,
-    SeedOption,
     SetOption,
-    WeightsOption,
-    WorkersOption,
     classifier_eval_rows,
     evaluate_weights,
+    export_command,
+    flag,
     print_result,
-    recipe_flags,
     setup_output,
-    train_or_resume,
+    training_command,
 )
 
 HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup, CutMix or SMMix.
@@ -78,91 +66,7 @@ class MixMethodName(str, Enum):
     smmix = "smmix"
 
 
-@app.callback()
-def train(
-    ctx: typer.Context,
-    recipe: str = RecipeOption,
-    method: MixMethodName = typer.Option(
-        None, "--method", "-m", help="Mixing of each batch (default: cutmix); smmix for ViTs.", show_default=False
-    ),
-    model: str = typer.Option(
-        None, "--model", help="timm model name (default: deit_tiny_patch16_224).", show_default=False
-    ),
-    img_size: int = typer.Option(
-        None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).", show_default=False
-    ),
-    patch_size: int = typer.Option(
-        None, "--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px).", show_default=False
-    ),
-    weights: Path = WeightsOption,
-    init_from: Path = InitFromOption,
-    data: Path = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="ImageFolder root with train/ and val/ (default: built-in digits).",
-        show_default=False,
-    ),
-    epochs: int = EpochsOption,
-    max_steps: int = MaxStepsOption,
-    batch_size: int = BatchSizeOption,
-    lr: float = LrOption,
-    seed: int = SeedOption,
-    mixed_precision: Precision = PrecisionOption,
-    grad_accum: int = GradAccumOption,
-    ema: bool = EmaOption,
-    workers: int = WorkersOption,
-    skip_corrupt: bool = typer.Option(
-        None, "--skip-corrupt", help="Skip unreadable images with a warning.", show_default=False
-    ),
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Run folder (default: runs/mix/<time>-<model>-<method>).", show_default=False
-    ),
-    resume: Path = ResumeOption,
-    force: bool = ForceOption,
-    save_mixed: int = typer.Option(
-        None,
-        "--save-mixed",
-        help="SMMix: write a PNG of N mixed images with their regions to the run folder.",
-        show_default=False,
-    ),
-    sets: list[str] = SetOption,
-    json_out: bool = JsonOption,
-    quiet: bool = QuietOption,
-) -> None:
-    if ctx.invoked_subcommand is not None:
-        return
-    setup_output(quiet)
-    flags = recipe_flags(
-        {
-            "mix.method": method,
-            "model.name": model,
-            "data.img_size": img_size,
-            "model.patch_size": patch_size,
-            "model.weights": weights,
-            "model.init_from": init_from,
-            "data.path": data,
-            "schedule.epochs": epochs,
-            "schedule.max_steps": max_steps,
-            "data.batch_size": batch_size,
-            "optim.lr": lr,
-            "train.seed": seed,
-            "train.mixed_precision": mixed_precision,
-            "train.grad_accum": grad_accum,
-            "train.ema": ema,
-            "data.workers": workers,
-            "mix.save_mixed": save_mixed,
-            "data.skip_corrupt": skip_corrupt,
-            "out.dir": out,
-        }
-    )
-    _, report = train_or_resume("mix", recipe, resume, force, flags, sets)
-    _print_report(report, json_out)
-
-
-def _print_report(report: dict, json_out: bool) -> None:
-    if not report:
-        return
+def _rows(report: dict, recipe: object) -> list[tuple[str, str]]:
     m = report["metrics"]
     best = report.get("best") or {}
     rows = [
@@ -179,11 +83,55 @@ def _print_report(report: dict, json_out: bool) -> None:
     if best:
         rows.append(("best top-1", f"{best.get('top1', float('nan')):.2f}% at step {best.get('step')}"))
     rows += [
-        ("throughput", f"{report['img_per_s']} img/s"),
+        ("throughput", f"{report['samples_per_s']} img/s"),
         ("weights", report["files"]["weights"]),
         ("report", str(Path(report["run_dir"]) / "report.json")),
     ]
-    print_result(report, json_out, "evcli mix: result", rows)
+    return rows
+
+
+OWN_FLAGS = [
+    Flag(
+        "method",
+        MixMethodName,
+        typer.Option(
+            None, "--method", "-m", help="Mixing of each batch (default: cutmix); smmix for ViTs.", show_default=False
+        ),
+        "mix.method",
+    ),
+    Flag("model", str, flag("--model", help="timm model name (default: deit_tiny_patch16_224)."), "model.name"),
+    Flag(
+        "img_size",
+        int,
+        flag("--img-size", help="Input size in pixels (default: 224; 32 on the built-in data)."),
+        "data.img_size",
+    ),
+    Flag(
+        "patch_size",
+        int,
+        flag("--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px)."),
+        "model.patch_size",
+    ),
+    Flag(
+        "data",
+        Path,
+        flag("--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in digits)."),
+        "data.path",
+    ),
+    Flag(
+        "skip_corrupt", bool, flag("--skip-corrupt", help="Skip unreadable images with a warning."), "data.skip_corrupt"
+    ),
+    Flag(
+        "save_mixed",
+        int,
+        flag("--save-mixed", help="SMMix: write a PNG of N mixed images with their regions to the run folder."),
+        "mix.save_mixed",
+    ),
+]
+
+app.callback()(
+    training_command("mix", OWN_FLAGS, _rows, "evcli mix: result", "Train an image classifier with batch mixing.")
+)
 
 
 @app.command("eval")
@@ -211,29 +159,4 @@ def evaluate(
     print_result(report, json_out, "evcli mix eval", classifier_eval_rows(report))
 
 
-@app.command("export")
-def export(
-    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
-    ),
-    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
-    json_out: bool = JsonOption,
-    quiet: bool = QuietOption,
-) -> None:
-    """Export a run's checkpoint as plain weights (.safetensors), train-only parts dropped."""
-    setup_output(quiet)
-    from evcli.engine.run import run_export
-
-    report = run_export("mix", run, which, output)
-    print_result(
-        report,
-        json_out,
-        "evcli mix export",
-        [
-            ("from", report["checkpoint"]),
-            ("step", str(report["step"])),
-            ("weights", report["weights"]),
-            ("tensors", str(report["tensors"])),
-        ],
-    )
+app.command("export")(export_command("mix"))

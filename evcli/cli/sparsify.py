@@ -8,26 +8,17 @@ from pathlib import Path
 import typer
 
 from evcli.cli.common import (
-    BatchSizeOption,
-    ForceOption,
-    GradAccumOption,
+    Flag,
     JsonOption,
-    MaxStepsOption,
-    Precision,
-    PrecisionOption,
     QuietOption,
     RecipeOption,
-    ResumeOption,
-    SeedOption,
     SetOption,
-    WeightsOption,
-    WorkersOption,
     classifier_eval_rows,
     evaluate_weights,
+    flag,
     print_result,
-    recipe_flags,
     setup_output,
-    train_or_resume,
+    training_command,
 )
 
 HELP = """Train a sparse image classifier (any timm CNN or ViT): N:M sparsity with LBC (default for --nm),
@@ -73,102 +64,19 @@ class SparsifyMethodName(str, Enum):
     dense = "dense"
 
 
-@app.callback()
-def train(
-    ctx: typer.Context,
-    recipe: str = RecipeOption,
-    method: SparsifyMethodName = typer.Option(
-        None,
-        "--method",
-        "-m",
-        help="lbc, optg, magnitude, srste, or dense for reference (default: lbc for N:M, optg for --sparsity).",
-        show_default=False,
-    ),
-    nm: str = typer.Option(
-        None, "--nm", help="N:M pattern along input channels, e.g. 2:4 (default 2:4).", show_default=False
-    ),
-    sparsity: float = typer.Option(
-        None, "--sparsity", help="Unstructured target sparsity in (0, 1), e.g. 0.9.", show_default=False
-    ),
-    model: str = typer.Option(None, "--model", help="timm model name (default: resnet18).", show_default=False),
-    img_size: int = typer.Option(
-        None, "--img-size", help="Input size in pixels (default: 224; 32 on the built-in data).", show_default=False
-    ),
-    patch_size: int = typer.Option(None, "--patch-size", help="ViT patch size.", show_default=False),
-    weights: Path = WeightsOption,
-    init_from: Path = typer.Option(
-        None, "--init-from", help="Start from a (dense) run's weights: run folder or .safetensors.", show_default=False
-    ),
-    data: Path = typer.Option(
-        None,
-        "--data",
-        "-d",
-        help="ImageFolder root with train/ and val/ (default: built-in digits).",
-        show_default=False,
-    ),
-    epochs: int = typer.Option(None, "--epochs", help="Training epochs (default: 4).", show_default=False),
-    max_steps: int = MaxStepsOption,
-    batch_size: int = BatchSizeOption,
-    lr: float = typer.Option(
-        None,
-        "--lr",
-        help="Learning rate at batch 256, scaled to the global batch (default: 0.1, SGD).",
-        show_default=False,
-    ),
-    seed: int = SeedOption,
-    mixed_precision: Precision = PrecisionOption,
-    grad_accum: int = GradAccumOption,
-    workers: int = WorkersOption,
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Run folder (default: runs/sparsify/<time>-<model>-<method>).", show_default=False
-    ),
-    resume: Path = ResumeOption,
-    force: bool = ForceOption,
-    sets: list[str] = SetOption,
-    json_out: bool = JsonOption,
-    quiet: bool = QuietOption,
-) -> None:
-    if ctx.invoked_subcommand is not None:
-        return
-    setup_output(quiet)
-    from evcli.errors import UsageError
+def _check(typed: dict) -> None:
+    if typed["nm"] is not None and typed["sparsity"] is not None:
+        from evcli.errors import UsageError
 
-    if nm is not None and sparsity is not None:
         raise UsageError(
             "--nm and --sparsity cannot be combined: N:M fixes the sparsity at 1 - N/M",
             hint="use --nm 2:4 (lbc, srste, magnitude) or --sparsity 0.9 (optg, magnitude)",
         )
-    flags = {
-        "sparsify.method": method,
-        "sparsify.nm": nm,
-        "sparsify.sparsity": sparsity,
-        "model.name": model,
-        "data.img_size": img_size,
-        "model.patch_size": patch_size,
-        "model.weights": weights,
-        "model.init_from": init_from,
-        "data.path": data,
-        "schedule.epochs": epochs,
-        "schedule.max_steps": max_steps,
-        "data.batch_size": batch_size,
-        "optim.lr": lr,
-        "train.seed": seed,
-        "train.mixed_precision": mixed_precision,
-        "train.grad_accum": grad_accum,
-        "data.workers": workers,
-        "out.dir": out,
-    }
-    _, report = train_or_resume("sparsify", recipe, resume, force, recipe_flags(flags), sets)
-    _print_report(report, json_out)
 
 
-def _print_report(report: dict, json_out: bool) -> None:
-    if not report:
-        return
+def _rows(report: dict, recipe: object) -> list[tuple[str, str]]:
     m = report["metrics"]
     run = Path(report["run_dir"])
-    if (run / "sparsity.png").exists():
-        report["files"]["sparsity_chart"] = str(run / "sparsity.png")
     rows = [
         ("method", f"{report['method']} on {report['model']} ({report['parameters'] / 1e6:.2f}M params)"),
         (
@@ -186,7 +94,63 @@ def _print_report(report: dict, json_out: bool) -> None:
         ("per-layer chart", report["files"].get("sparsity_chart", "none (dense run)")),
         ("report", str(run / "report.json")),
     ]
-    print_result(report, json_out, "evcli sparsify: result", rows)
+    return rows
+
+
+OWN_FLAGS = [
+    Flag(
+        "method",
+        SparsifyMethodName,
+        typer.Option(
+            None,
+            "--method",
+            "-m",
+            help="lbc, optg, magnitude, srste, or dense for reference (default: lbc for N:M, optg for --sparsity).",
+            show_default=False,
+        ),
+        "sparsify.method",
+    ),
+    Flag("nm", str, flag("--nm", help="N:M pattern along input channels, e.g. 2:4 (default 2:4)."), "sparsify.nm"),
+    Flag(
+        "sparsity",
+        float,
+        flag("--sparsity", help="Unstructured target sparsity in (0, 1), e.g. 0.9."),
+        "sparsify.sparsity",
+    ),
+    Flag("model", str, flag("--model", help="timm model name (default: resnet18)."), "model.name"),
+    Flag(
+        "img_size",
+        int,
+        flag("--img-size", help="Input size in pixels (default: 224; 32 on the built-in data)."),
+        "data.img_size",
+    ),
+    Flag("patch_size", int, flag("--patch-size", help="ViT patch size."), "model.patch_size"),
+    Flag(
+        "data",
+        Path,
+        flag("--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in digits)."),
+        "data.path",
+    ),
+    Flag(
+        "init_from",
+        Path,
+        flag("--init-from", help="Start from a (dense) run's weights: run folder or .safetensors."),
+        "model.init_from",
+    ),
+    Flag("epochs", int, flag("--epochs", help="Training epochs (default: 4)."), "schedule.epochs"),
+    Flag(
+        "lr",
+        float,
+        flag("--lr", help="Learning rate at batch 256, scaled to the global batch (default: 0.1, SGD)."),
+        "optim.lr",
+    ),
+]
+
+app.callback()(
+    training_command(
+        "sparsify", OWN_FLAGS, _rows, "evcli sparsify: result", "Train a sparse image classifier.", check=_check
+    )
+)
 
 
 @app.command("eval")

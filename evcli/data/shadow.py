@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
 
-from evcli.data.classification import mix_seed, seeded_rng
+from evcli.data.loading import mix_seed, seeded_rng
 from evcli.errors import DataError
 from evcli.io.images import is_image_file, load_rgb
 

@@ -1,24 +1,45 @@
-"""The small interface a method implements to plug into the engine.
+"""The contract between the engine and a method: what a method builds, and the fixed points it is called at.
 
-The engine calls, in order::
+A method is a small object; the engine owns everything else (processes, devices, precision, accumulation,
+EMA, seeds, the schedule clock, learning rates, evaluation loop, checkpoints, logging). The phases, in order::
 
-    build_data -> build -> configure_optimizers -> (resume: load_state_dict)
-    per epoch:  on_epoch_start
-      per step: training_step (per micro-batch, under autocast) -> backward (engine)
-                -> after_backward -> optimizer step (engine) -> after_optimizer_step
+    build_data                      datasets (train, one or more named val sets), optional collate_fn
+    build                           named modules, each with a role (see below); random init
+    (user weights)                  --weights / --init-from load into ``weights_module`` (fresh runs)
+    transform(modules)              module swaps: quantizers, masked layers, two-resolution embeddings,
+                                    train-time wrappers. The module structure is fixed from here on:
+                                    data-dependent choices are buffers, so a resume loads into it exactly
+    (resume)                        a training checkpoint loads here (every module, optimizer, method state)
+    calibrate(modules, loader)      fresh runs only: quantizer bounds / step sizes from a few batches
+    optimizers(modules)             named optimizers, each over its parameters and with its own schedule
+    (prepare)                       each trained module gets its own DDP wrapper; frozen ones do not
+    per epoch: on_epoch_start
+      per step: training_step (per micro-batch, under autocast)
+                  default: the engine back-propagates ``loss``, calls after_backward, clips and steps every
+                  optimizer; owns_step: the method calls ``ctx.step_optimizer(name, loss)`` itself
+                -> after_optimizer_step
       on_epoch_end
-    evaluate (at the eval cadence and at the end) -> export
+    evaluation                      eval_step (sums per batch) over every val set; the engine loops, sums,
+                                    all-reduces once, and calls summarize(sums) -> metrics; model_metrics
+                                    (sparsity, bits...) once per evaluated set of modules
+    export, artifacts, report_extras
 
-A method with several optimizers (GAN distillation) sets ``owns_step = True``: its
-``training_step`` then does its own backward passes and optimizer steps with ``ctx.accelerator`` and
-``ctx.optimizers``; the engine still runs the schedule clock, LR schedules, NaN guard, checkpoints.
+Modules and roles. ``build`` returns ``{name: module}``; a module wrapped in :class:`Frozen` is a *frozen*
+module (a teacher, a VGG/Inception feature net): moved to the device, in eval mode, with no gradients, never
+in DDP, optimizers, checkpoints, exports or the parameter count; the report names where its weights came from.
+Every other module is *trained*: prepared with its own DDP wrapper, optimized, EMA'd if asked, checkpointed and
+counted. Hooks receive a :class:`Modules` view: ``modules["G"]`` (or ``modules.G``) is the module to call (the
+DDP wrapper of a trained module, so that gradients are synchronised); ``modules.unwrap("G")`` is the module
+itself. Under DDP, call each trained module through ``modules[...]`` once per backward pass (concatenate real
+and fake batches rather than calling a discriminator twice).
 
-All schedule state of a method (counters, masks, scores, running statistics) must live in module
-buffers or in :meth:`Method.state_dict`, so that resume is exact.
+All schedule state of a method (counters, masks, scores, running statistics) lives in module buffers or in
+:meth:`Method.state_dict`, so that resume is exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,23 +47,97 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from evcli.engine.trainer import TrainContext
-    from evcli.recipe import Recipe
+    from evcli.engine.context import TrainContext
+    from evcli.recipe import OptimConfig, Recipe, ScheduleConfig
 
 
 @dataclass
 class StepOutput:
-    """What a training step returns: the loss to back-propagate and extra values to log."""
+    """What a training step returns: the loss (back-propagated by the engine unless the method owns its
+    step; then it is only logged) and extra values to log."""
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class Method:
-    """Base class with classification defaults; override what a method changes."""
+@dataclass
+class Frozen:
+    """A frozen module of ``build``: its parameters must already have ``requires_grad=False``.
 
-    owns_step: bool = False
-    ddp_find_unused_parameters: bool = False  # some parameters are unused on some steps
+    Args:
+        module: the module (a teacher, a feature network).
+        source: where its weights came from, shown in the log and the report.
+    """
+
+    module: nn.Module
+    source: str
+
+
+@dataclass
+class OptimizerSpec:
+    """One named optimizer of a method.
+
+    Args:
+        params: parameters, or parameter groups (dicts with ``params`` and optional ``weight_decay``,
+            ``lr_scale`` (a multiple of the optimizer's lr) and ``lr_factor`` (a function of the step,
+            multiplied into the schedule: a method-owned part of the schedule, e.g. OptG's mask lr)).
+        lr: base learning rate (default: the recipe's ``optim.lr``, batch-scaled when ``lr_base_batch``).
+        optim: optimizer settings (default: the recipe's ``optim``).
+        schedule: learning-rate schedule (default: the recipe's ``schedule``). The recipe's
+            ``optim.overrides.<name>`` is applied over both.
+    """
+
+    params: Any
+    lr: float | None = None
+    optim: OptimConfig | None = None
+    schedule: ScheduleConfig | None = None
+
+
+class Modules(Mapping[str, nn.Module]):
+    """The named modules of a run as hooks see them (trained ones through their DDP wrapper, if any)."""
+
+    def __init__(self, trained: dict[str, nn.Module], frozen: dict[str, nn.Module], unwrap: Callable | None = None):
+        self.trained = trained
+        self.frozen = frozen
+        self._unwrap = unwrap or (lambda m: m)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        if name in self.trained:
+            return self.trained[name]
+        return self.frozen[name]
+
+    def __getattr__(self, name: str) -> nn.Module:
+        if name.startswith("_") or name in ("trained", "frozen"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(f"no module named {name!r} (modules: {', '.join(self)})") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.trained
+        yield from self.frozen
+
+    def __len__(self) -> int:
+        return len(self.trained) + len(self.frozen)
+
+    def unwrap(self, name: str) -> nn.Module:
+        """The module itself (without its DDP wrapper)."""
+        return self._unwrap(self[name])
+
+    def with_trained(self, replacement: dict[str, nn.Module]) -> Modules:
+        """The same view with some trained modules replaced (the EMA copies, for evaluation and export)."""
+        return Modules({**self.trained, **replacement}, self.frozen, self._unwrap)
+
+
+class Method:
+    """Base class of a method: the hooks the engine calls. Only ``build_data``, ``build`` and
+    ``training_step`` have no default; a method that evaluates gives ``eval_step`` and ``summarize``."""
+
+    owns_step: bool = False  # the method steps its optimizers itself (ctx.step_optimizer)
+    ddp_find_unused_parameters: bool = False  # some trained parameters are unused on some steps
+    weights_module: str = "model"  # the module --weights / --init-from / eval weights load into
+    calibration_batches: int = 0  # training batches handed to calibrate() (0: calibrate is not called)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -51,61 +146,38 @@ class Method:
     # --- building -----------------------------------------------------------------------------
 
     def build_data(self, ctx: TrainContext) -> Any:
-        """Datasets of the run: an object with ``train``, ``val``, ``num_classes``, ``description``.
+        """The run's data: an object with ``train`` and ``val`` (a dataset, or ``{name: dataset}`` for several
+        evaluation sets) and a ``description``; optionally ``collate_fn`` and ``classes``.
 
-        Datasets are indexed by ``(epoch, index)`` keys (see ``evcli.data.classification``).
-        """
-        from evcli.data.classification import build_classification_data
+        Datasets are indexed by ``(epoch, index)`` keys (see ``evcli.data.loading``)."""
+        raise NotImplementedError
 
-        r = self.recipe
-        return build_classification_data(r.data, r.data.img_size, ctx.norm_mean, ctx.norm_std, r.train.seed)
+    def build(self, ctx: TrainContext) -> dict[str, nn.Module | Frozen]:
+        """The named modules (random init; user weights load after, into ``weights_module``)."""
+        raise NotImplementedError
 
-    def build(self, ctx: TrainContext) -> nn.Module:
-        """The model to train (random init; the engine loads weights / init-from / resume after)."""
-        from evcli.models.timm_models import create_model
+    def transform(self, modules: dict[str, nn.Module], ctx: TrainContext) -> None:
+        """Module swaps after user weights are loaded; may replace entries of ``modules`` (trained ones)."""
 
-        m = self.recipe.model
-        return create_model(
-            m.name,
-            num_classes=m.num_classes or ctx.num_classes,
-            img_size=self.recipe.data.img_size,
-            patch_size=m.patch_size,
-            drop_rate=m.drop_rate,
-            drop_path=m.drop_path,
-            kwargs=m.kwargs,
-        )
+    def calibrate(self, modules: Modules, loader: Any, ctx: TrainContext) -> None:
+        """Set data-dependent parameters from ``calibration_batches`` training batches (fresh runs only, on the
+        device, before the optimizers are built)."""
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Parameter groups: weight decay on weights, none on biases, norms and 1-d parameters."""
-        decay, no_decay = [], []
-        skip = set(getattr(model, "no_weight_decay", lambda: set())())
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-        wd = self.recipe.optim.weight_decay
-        return [
-            g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
-        ]
+    def optimizers(self, modules: Modules, ctx: TrainContext) -> dict[str, OptimizerSpec]:
+        """The named optimizers. Default: one, ``main``, over the weights module with weight decay on weights
+        only (not on biases, norms, 1-d parameters or the model's ``no_weight_decay()``)."""
+        return {"main": OptimizerSpec(decay_groups(modules.unwrap(self.weights_module), ctx.recipe.optim.weight_decay))}
 
-    def configure_optimizers(self, model: nn.Module, ctx: TrainContext) -> list[torch.optim.Optimizer]:
-        """The optimizers (one unless the method owns its step)."""
-        from evcli.engine.optim import create_optimizer
+    # --- training -----------------------------------------------------------------------------
 
-        return [create_optimizer(self.param_groups(model), self.recipe.optim, ctx.base_lr)]
-
-    # --- hooks --------------------------------------------------------------------------------
-
-    def training_step(self, model: nn.Module, batch: Any, ctx: TrainContext) -> StepOutput:
+    def training_step(self, modules: Modules, batch: Any, ctx: TrainContext) -> StepOutput:
         """Loss of one micro-batch (called under autocast)."""
-        x, y = batch
-        logits = model(x)
-        return StepOutput(torch.nn.functional.cross_entropy(logits, y))
+        raise NotImplementedError
 
-    def after_backward(self, model: nn.Module, ctx: TrainContext) -> None:
-        """Gradients of the whole (accumulated) step are ready; edit them here."""
+    def after_backward(self, modules: Modules, ctx: TrainContext) -> None:
+        """Gradients of the whole (accumulated) step are ready, synchronised over processes; edit them here."""
 
-    def after_optimizer_step(self, model: nn.Module, ctx: TrainContext) -> None:
+    def after_optimizer_step(self, modules: Modules, ctx: TrainContext) -> None:
         """The weights were just updated; ``ctx.step`` is this step's index (it advances right after)."""
 
     def on_epoch_start(self, epoch: int, ctx: TrainContext) -> None:
@@ -114,19 +186,36 @@ class Method:
     def on_epoch_end(self, epoch: int, ctx: TrainContext) -> None:
         """After the last step of ``epoch``, before the checkpoint of that step."""
 
-    def evaluate(self, model: nn.Module, loader: Any, ctx: TrainContext) -> dict[str, float]:
-        """Metrics on the val loader, reduced over processes. Default: top-1/top-5 accuracy and loss."""
-        from evcli.metrics.classification import evaluate_classifier
+    # --- evaluation ---------------------------------------------------------------------------
 
-        return evaluate_classifier(model, loader, ctx)
+    def eval_step(self, modules: Modules, batch: Any, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """Sums over one evaluation batch (counts, summed errors, a confusion matrix): the engine adds them up
+        over batches and processes (in float64) and hands the totals to :meth:`summarize`."""
+        raise NotImplementedError
 
-    def weights_target(self, model: nn.Module) -> nn.Module:
-        """The module that ``--weights`` / ``--init-from`` / ``eval`` weights load into (default: the model)."""
-        return model
+    def summarize(self, sums: dict[str, torch.Tensor], ctx: TrainContext) -> dict[str, float]:
+        """Metrics of one evaluation set from its summed tensors."""
+        raise NotImplementedError
 
-    def export(self, model: nn.Module, ctx: TrainContext) -> dict[str, torch.Tensor]:
-        """The weights to ship (train-only parts dropped, masks folded in...)."""
-        return dict(model.state_dict())
+    def model_metrics(self, modules: Modules, ctx: TrainContext) -> dict[str, float]:
+        """Metrics of the evaluated modules themselves, not of data (sparsity, bits, frozen fraction), computed
+        once per evaluation and merged into every evaluation set's metrics."""
+        return {}
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def export(self, modules: Modules, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        """The weights to ship (train-only parts dropped, masks folded in...). Default: the weights module."""
+        return dict(modules.unwrap(self.weights_module).state_dict())
+
+    def artifacts(self, modules: Modules, out_dir: Any, ctx: TrainContext) -> dict[str, str]:
+        """Pictures, charts and packed files written to ``out_dir`` at the end of a run (rank 0); returns
+        ``{label: path}`` for the report's ``files``."""
+        return {}
+
+    def report_extras(self, ctx: TrainContext) -> dict[str, Any]:
+        """Method-specific entries merged into report.json."""
+        return {}
 
     # --- state --------------------------------------------------------------------------------
 
@@ -136,3 +225,16 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def decay_groups(module: nn.Module, weight_decay: float, extra_no_decay: set[str] | None = None) -> list[dict]:
+    """Parameter groups of ``module``: weight decay on weights; none on biases, norms, 1-d parameters and the
+    names of the module's ``no_weight_decay()`` (timm's convention: position embeddings, class tokens)."""
+    decay, no_decay = [], []
+    skip = set(getattr(module, "no_weight_decay", lambda: set())()) | (extra_no_decay or set())
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    groups = ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]

@@ -1,7 +1,8 @@
-"""Run folders: create or resume one, save the resolved recipe and environment, run a method in it.
+"""Run folders: where a run goes, what it writes before the first step, and refusing to reuse one.
 
 A run folder holds ``resolved_recipe.yaml``, ``env.json``, ``metrics.jsonl``,
-``checkpoints/{last,best}.safetensors``, ``final.safetensors`` and ``report.json``.
+``checkpoints/{last,best}.safetensors``, ``final.safetensors`` and ``report.json``. Nothing here knows a
+method: ``evcli.api`` puts runs together.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from evcli import __version__
-from evcli.console import is_main_process, log
+from evcli.console import is_main_process
 from evcli.errors import CheckpointError, UsageError
 from evcli.io.checkpoint import atomic_write_text
-from evcli.recipe import Recipe, explain_provenance, locked_changes, recipe_from_saved, resolve_recipe
-from evcli.registry import get_command
+from evcli.recipe import Recipe, recipe_from_saved
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -72,10 +72,8 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return recipe_from_saved(read_metadata(run_dir / "checkpoints" / "last.safetensors")["recipe"])
 
 
-def prepare_resume(
-    command: str, run_dir: Path, flags: dict[str, Any], sets: list[str], force: bool
-) -> tuple[Recipe, Path]:
-    """Recipe and checkpoint to continue ``run_dir``; refuses schedule-changing overrides without force."""
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a run folder continues from."""
     if not run_dir.is_dir():
         raise CheckpointError(f"--resume: run folder not found: {run_dir}")
     ckpt = run_dir / "checkpoints" / "last.safetensors"
@@ -84,18 +82,7 @@ def prepare_resume(
             f"--resume: {run_dir} has no checkpoints/last.safetensors to continue from",
             hint="the run stopped before its first checkpoint; start it again",
         )
-    saved = load_run_recipe(run_dir)
-    if saved.command != command:
-        raise UsageError(f"{run_dir} is an 'evcli {saved.command}' run, not 'evcli {command}'")
-    recipe = resolve_recipe(command, flags=flags, sets=sets, base=saved.to_dict())
-    changed = locked_changes(saved, recipe)
-    if changed and not force:
-        raise UsageError(
-            f"--resume would change {', '.join(changed)}, which alters the resumed run",
-            hint="drop those overrides, or add --force to change them anyway",
-        )
-    recipe.out.dir = str(run_dir)
-    return recipe, ckpt
+    return ckpt
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -116,79 +103,16 @@ def write_run_files(recipe: Recipe, run_dir: Path) -> None:
     atomic_write_text(run_dir / "env.json", json.dumps({**environment(), "seed": recipe.train.seed}, indent=2) + "\n")
 
 
-def run_training(recipe: Recipe, resume_checkpoint: Path | None = None) -> dict[str, Any]:
-    """Train ``recipe`` in its run folder (fresh, or resumed from ``resume_checkpoint``).
-
-    The folder is created only once data, model, weights and optimizer are built, so a mistake in any
-    of them leaves nothing behind.
-    """
-    from evcli.engine.trainer import Trainer
-
-    run_dir = Path(recipe.out.dir) if recipe.out.dir else default_run_dir(recipe)
-    recipe.out.dir = str(run_dir)
-    if resume_checkpoint is None:
-        check_run_dir(run_dir)
-    log(f"run folder: {run_dir}")
-    log(explain_provenance(recipe))
-    method = get_command(recipe.command).load_method_class()(recipe)
-    trainer = Trainer(recipe, method, run_dir, resume_from=resume_checkpoint)
-    return trainer.fit(on_ready=lambda: write_run_files(recipe, run_dir))
-
-
-def run_evaluation(recipe: Recipe, weights: Path) -> dict[str, Any]:
-    """Evaluate a weights file (or run folder) on the recipe's val data."""
-    from evcli.engine.trainer import Trainer, resolve_weights_source
-
-    path = resolve_weights_source(weights)
-    method = get_command(recipe.command).load_method_class()(recipe)
-    return Trainer(recipe, method, None).evaluate_only(path, strict=recipe.model.weights_strict)
-
-
-def evaluation_recipe(
-    command: str, weights: Path, recipe_file: Path | None, flags: dict[str, Any], sets: list[str]
-) -> Recipe:
-    """Recipe for evaluating ``weights``: the recipe the weights were trained with (from their run folder or
-    metadata) unless a recipe file is given, then the flags and --set on top."""
-    from evcli.engine.trainer import resolve_weights_source
-    from evcli.io.checkpoint import read_metadata
-
-    base = None
-    if recipe_file is None:
-        p = Path(weights).expanduser()
-        if p.is_dir() and ((p / "resolved_recipe.yaml").exists() or (p / "checkpoints").is_dir()):
-            base = load_run_recipe(p).to_dict()
-        else:
-            meta = read_metadata(resolve_weights_source(p))
-            base = meta.get("recipe")
-            if base is not None and base.get("command") != command:
-                raise UsageError(f"{weights} was made by 'evcli {base.get('command')}', not 'evcli {command}'")
-    recipe = resolve_recipe(command, recipe_file=recipe_file, flags=flags, sets=sets, base=base)
-    recipe.model.weights = recipe.model.init_from = None
-    return recipe
-
-
-def run_export(command: str, run: Path, which: str, output: Path | None) -> dict[str, Any]:
-    """Export a run's best/last checkpoint through the method's export hook as plain weights."""
-    from evcli.engine.trainer import Trainer
-    from evcli.io.checkpoint import read_metadata
-
-    if which not in ("best", "last"):
-        raise UsageError(f"--which must be 'best' or 'last', got {which!r}")
-    run = Path(run).expanduser()
-    if run.is_dir():
-        ckpt = run / "checkpoints" / f"{which}.safetensors"
-        if not ckpt.exists() and which == "best":
-            ckpt = run / "checkpoints" / "last.safetensors"
-        if not ckpt.exists():
-            raise CheckpointError(f"no checkpoint in {run}/checkpoints to export")
-    else:
-        ckpt = run
-    meta = read_metadata(ckpt)
-    if meta.get("kind") != "training":
-        raise CheckpointError(f"{ckpt} is not an evcli training checkpoint")
-    recipe = recipe_from_saved(meta["recipe"])
-    if recipe.command != command:
-        raise UsageError(f"{ckpt} is an 'evcli {recipe.command}' checkpoint, not 'evcli {command}'")
-    out = Path(output) if output else (run if run.is_dir() else run.parent) / f"export-{which}.safetensors"
-    method = get_command(command).load_method_class()(recipe)
-    return Trainer(recipe, method, None).export_only(ckpt, out)
+def resolve_weights_source(source: str | Path) -> Path:
+    """A run folder's exported weights (else its best, else last checkpoint), or a file as given."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        for candidate in (
+            p / "final.safetensors",
+            p / "checkpoints" / "best.safetensors",
+            p / "checkpoints" / "last.safetensors",
+        ):
+            if candidate.exists():
+                return candidate
+        raise CheckpointError(f"no weights in run folder {p} (no final.safetensors or checkpoints/)")
+    return p

@@ -1,16 +1,20 @@
-"""The training loop every method runs in: Accelerate processes, precision, accumulation, EMA,
-step-keyed seeding, LR schedule, eval cadence, progress, metrics.jsonl, NaN guard, checkpoints.
+"""The training loop every method runs in: Accelerate processes, precision, accumulation, EMA, step-keyed
+seeding, named optimizers and their schedules, eval cadence, progress, metrics.jsonl and trackers, NaN
+guard, checkpoints. The method contract it drives is in ``evcli/engine/method.py``.
 
 Determinism: before every micro-batch the global torch / NumPy / Python RNGs are reseeded from
 (seed, step, micro-batch, rank), and every sample's augmentation from (seed, epoch, index). The state
-of a run at step k is therefore fully given by the checkpoint (weights, optimizer, EMA, method state,
+of a run at step k is therefore fully given by the checkpoint (modules, optimizers, EMA, method state,
 step): resuming at k gives bit-identical weights to the uninterrupted run on CPU.
+
+Checkpoint tensors: ``module.<name>.<key>`` for every trained module, ``ema.<name>.<key>`` for its EMA,
+``state.<path>`` for optimizer and method state (see ``evcli/io/checkpoint.py``). Frozen modules are never
+written.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -18,8 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,58 +32,44 @@ from torch import nn
 
 from evcli import __version__
 from evcli.console import err_console, log, warn
-from evcli.data.classification import ShardedBatchSampler, make_loader, mix_seed
-from evcli.engine.method import Method, StepOutput
-from evcli.engine.optim import LRSchedule
-from evcli.errors import CheckpointError, DataError, HardwareError, Interrupted, TrainingDiverged
+from evcli.data.loading import ShardedBatchSampler, make_loader, mix_seed
+from evcli.engine.context import TrainContext
+from evcli.engine.method import Frozen, Method, Modules, StepOutput
+from evcli.engine.optim import NamedOptimizer, parameters_of, settings_for
+from evcli.errors import (
+    CheckpointError,
+    DataError,
+    HardwareError,
+    Interrupted,
+    MethodContractError,
+    RecipeError,
+    TrainingDiverged,
+    UsageError,
+)
 from evcli.io.checkpoint import (
     atomic_write,
     atomic_write_text,
     decode_state,
     encode_state,
     load_model_weights,
-    model_weights_from,
     read_safetensors,
     save_safetensors,
     save_weights,
 )
-from evcli.recipe import Recipe, resolve_duration
+from evcli.recipe import Recipe
 
-
-@dataclass
-class TrainContext:
-    """What hooks see of the run: the accelerator, the recipe and the schedule clock."""
-
-    accelerator: Any
-    recipe: Recipe
-    run_dir: Path | None
-    num_classes: int = 0
-    norm_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    norm_std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    base_lr: float = 0.0
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    micro_step: int = 0  # micro-batch within the current accumulation group
-    steps_per_epoch: int = 1
-    total_steps: int = 1
-    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)  # per-run objects a method wants to keep
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes
-
-    def resolve(self, duration: str) -> int:
-        """Steps of a duration (``"10%"``, ``"5ep"``, ``"200step"``) in this run."""
-        return resolve_duration(duration, self.steps_per_epoch, self.total_steps)
+# Accelerate tracker name -> the package it needs
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+}
 
 
 def _reseed_globals(seed: int) -> None:
@@ -93,54 +82,84 @@ def _reseed_globals(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def make_accelerator(recipe: Recipe, find_unused_parameters: bool = False) -> Any:
-    """An Accelerator for the recipe's precision; refuses what the hardware cannot do.
+def check_trackers(names: list[str]) -> list[str]:
+    """The ``--log-with`` trackers, each known to Accelerate and installed; one clear error otherwise."""
+    import importlib.util
+
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            from evcli.recipe import did_you_mean
+
+            raise UsageError(
+                f"unknown tracker '{name}'{did_you_mean(name, TRACKER_PACKAGES)} (known: {', '.join(TRACKER_PACKAGES)})"
+            )
+        package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(package) is None:
+            raise UsageError(
+                f"--log-with {name} needs the '{package}' package, which is not installed",
+                hint=f"pip install {package} (metrics.jsonl is always written)",
+            )
+    return list(names)
+
+
+def precision_of(recipe: Recipe) -> tuple[str, str]:
+    """(mixed precision, where it came from): the recipe's when set, else ``accelerate launch`` /
+    ``accelerate config`` (ACCELERATE_MIXED_PRECISION), else no."""
+    mp = recipe.train.mixed_precision
+    if mp is not None:
+        return mp, recipe.provenance.get("train.mixed_precision", "recipe")
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if env:
+        if env not in ("no", "fp16", "bf16"):
+            raise UsageError(f"ACCELERATE_MIXED_PRECISION={env} is not one of no, fp16, bf16")
+        return env, "accelerate launch / accelerate config"
+    return "no", "default"
+
+
+def make_accelerator(recipe: Recipe, find_unused_parameters: bool = False, project_dir: Path | None = None) -> Any:
+    """An Accelerator for the recipe's precision and trackers; refuses what the hardware cannot do.
 
     ``find_unused_parameters`` is passed to DDP for methods with parameters that some steps do not use
     (SMMix's token head on Mixup steps).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    trackers = check_trackers(recipe.train.log_with)
     cuda = torch.cuda.is_available() and not recipe.train.cpu
-    mp = recipe.train.mixed_precision
+    mp, _ = precision_of(recipe)
     if mp == "fp16" and not cuda:
         raise HardwareError(
             "mixed_precision fp16 needs a CUDA device; none is available",
             hint="use --mixed-precision bf16 on CPU, or no",
         )
-    from accelerate.state import AcceleratorState
-
     # Accelerate keeps one process-wide state that refuses a second, different precision; a library user
     # may run several evcli jobs in one process (train fp32, then evaluate bf16). Reset it, keeping the
     # process group (PartialState) intact.
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mp:
         AcceleratorState._reset_state(reset_partial_state=False)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else []
-    return Accelerator(cpu=not cuda, mixed_precision=mp, step_scheduler_with_optimizer=False, kwargs_handlers=handlers)
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=mp,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_dir=str(project_dir) if project_dir is not None and trackers else None,
+    )
 
 
-def norm_stats(recipe: Recipe) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input normalisation: the recipe's, else the model's pretrained config, else ImageNet's."""
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    try:
-        import timm
-
-        if timm.is_model(recipe.model.name):
-            cfg = timm.models.get_pretrained_cfg(recipe.model.name)
-            if cfg is not None:
-                mean, std = tuple(cfg.mean), tuple(cfg.std)
-    except Exception:  # a name timm does not know is reported when the model is built
-        pass
-    return tuple(recipe.data.mean or mean), tuple(recipe.data.std or std)
+def _has_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
 class Trainer:
-    """Runs one method's training (or evaluation) in a run folder.
+    """Runs one method's training (or evaluation, or export) in a run folder.
 
     Args:
         recipe: the resolved recipe.
-        method: the method's hook object.
+        method: the method object.
         run_dir: the run folder (written by rank 0); None for evaluation only.
         resume_from: a training checkpoint to continue from exactly.
     """
@@ -150,40 +169,113 @@ class Trainer:
         self.method = method
         self.run_dir = run_dir
         self.resume_from = resume_from
-        self.accelerator = make_accelerator(recipe, find_unused_parameters=method.ddp_find_unused_parameters)
+        self.accelerator = make_accelerator(
+            recipe, find_unused_parameters=method.ddp_find_unused_parameters, project_dir=run_dir
+        )
         self.is_main = self.accelerator.is_main_process
-        self.ctx = TrainContext(self.accelerator, recipe, run_dir)
-        self.ctx.norm_mean, self.ctx.norm_std = norm_stats(recipe)
+        self.world = self.accelerator.num_processes
+        self.ctx = TrainContext(self.accelerator, recipe, run_dir, engine=self)
         self.best: dict[str, Any] = {}
         self.last_ckpt_step: int | None = None
         self._interrupt = False
-        self.ema = None
+        self.trained: dict[str, nn.Module] = {}  # prepared (DDP-wrapped where it trains)
+        self.frozen: dict[str, nn.Module] = {}
+        self.frozen_sources: dict[str, str] = {}
+        self.named: dict[str, NamedOptimizer] = {}
+        self.ema: dict[str, Any] = {}
+        self.data: Any = None
+        self.val_loaders: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------
-    # set-up
+    # building: data, modules with roles, user weights, transform
 
-    def _build(self, for_training: bool) -> None:
-        r, ctx = self.recipe, self.ctx
-        torch.manual_seed(r.train.seed)  # same initial weights for a seed, whatever the process
-        self.data = self.method.build_data(ctx)
-        ctx.num_classes = self.data.num_classes
-        self.model = self.method.build(ctx)
-        self.world = self.accelerator.num_processes
-        if not for_training:
-            self.model = self.model.to(self.accelerator.device)
-            return
+    def build_data(self) -> None:
+        self.data = self.method.build_data(self.ctx)
+        self.ctx.classes = list(getattr(self.data, "classes", None) or [])
+
+    def val_sets(self) -> dict[str, Any]:
+        val = self.data.val
+        return dict(val) if isinstance(val, dict) else {"val": val}
+
+    def build_modules(self) -> None:
+        """``method.build``: trained modules kept on the side, frozen ones checked, moved, put in eval mode."""
+        torch.manual_seed(self.recipe.train.seed)  # same initial weights for a seed, whatever the process
+        built = self.method.build(self.ctx)
+        if not isinstance(built, dict) or not built:
+            raise MethodContractError(f"{type(self.method).__name__}.build must return a non-empty {{name: module}}")
+        for name, item in built.items():
+            if isinstance(item, Frozen):
+                trainable = [n for n, p in item.module.named_parameters() if p.requires_grad]
+                if trainable:
+                    raise MethodContractError(
+                        f"frozen module '{name}' has parameters that require gradients "
+                        f"({', '.join(trainable[:3])}{' ...' if len(trainable) > 3 else ''})",
+                        hint="call module.requires_grad_(False) before returning it as Frozen",
+                    )
+                self.frozen[name] = item.module.to(self.accelerator.device).eval()
+                self.frozen_sources[name] = item.source
+                log(f"frozen module {name}: {item.source}")
+            elif isinstance(item, nn.Module):
+                self.trained[name] = item
+            else:
+                raise MethodContractError(f"build returned {type(item).__name__} for '{name}', not a module")
+        if self.method.weights_module not in self.trained and (
+            self.recipe.model.weights or self.recipe.model.init_from
+        ):
+            raise MethodContractError(f"the method has no trained module '{self.method.weights_module}' for weights")
+
+    def load_user_weights(self, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
+        """Plain weights (a ``--weights`` file, an export) into the weights module, before ``transform``."""
+        target = self.trained[self.method.weights_module]
+        report = load_model_weights(target, state, source, strict=strict)
+        skipped = report["missing"] + report["unexpected"] + report["mismatched"]
+        log(f"weights: loaded {source}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
+        if skipped:
+            warn("keys not loaded: " + ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
+
+    def _initial_weights(self) -> None:
+        from evcli.api import plain_weights
+
+        m = self.recipe.model
+        for source, what in ((m.init_from, "init-from"), (m.weights, "weights file")):
+            if source:
+                state, path = plain_weights(source, what)
+                self.load_user_weights(state, str(path), strict=m.weights_strict)
+
+    def transform(self) -> None:
+        modules = dict(self.trained)
+        self.method.transform(modules, self.ctx)
+        for name, module in modules.items():
+            if name in self.frozen:
+                raise MethodContractError(f"transform returned a trained module under the frozen name '{name}'")
+            if not isinstance(module, nn.Module):
+                raise MethodContractError(f"transform left {type(module).__name__} under '{name}', not a module")
+        self.trained = modules
+
+    def raw_modules(self) -> Modules:
+        return Modules(self.trained, self.frozen, self.accelerator.unwrap_model)
+
+    def eval_modules(self, ema: bool = False) -> Modules:
+        """Unwrapped modules (evaluation must not go through DDP: ranks may see different batch counts)."""
+        trained = {n: self.accelerator.unwrap_model(m) for n, m in self.trained.items()}
+        if ema:
+            trained.update({n: e.module for n, e in self.ema.items()})
+        return Modules(trained, self.frozen, self.accelerator.unwrap_model)
+
+    # ------------------------------------------------------------------------------------------
+    # set-up of a training run
+
+    def _setup_training(self) -> None:
+        r, ctx, acc = self.recipe, self.ctx, self.accelerator
+        ctx.training = True
+        self.build_data()
         self.train_sampler = ShardedBatchSampler(
-            len(self.data.train),
-            r.data.batch_size,
-            self.accelerator.process_index,
-            self.world,
-            r.train.seed,
-            train=True,
+            len(self.data.train), r.data.batch_size, acc.process_index, self.world, r.train.seed, train=True
         )
         batches = self.train_sampler.batches_per_epoch()
         if batches < r.train.grad_accum:
             raise DataError(
-                f"the training set ({len(self.data.train)} images) is too small for batch size "
+                f"the training set ({len(self.data.train)} samples) is too small for batch size "
                 f"{r.data.batch_size} x {self.world} process(es) x grad_accum {r.train.grad_accum}",
                 hint="lower --batch-size or train.grad_accum",
             )
@@ -191,94 +283,186 @@ class Trainer:
         full = ctx.steps_per_epoch * r.schedule.epochs
         ctx.total_steps = min(full, r.schedule.max_steps) if r.schedule.max_steps else full
         global_batch = r.data.batch_size * self.world * r.train.grad_accum
-        ctx.base_lr = r.optim.lr * (global_batch / r.optim.lr_base_batch if r.optim.lr_base_batch else 1.0)
-
-    def _load_initial_weights(self) -> None:
-        m = self.recipe.model
-        for source, what in ((m.init_from, "init-from"), (m.weights, "weights file")):
-            if not source:
-                continue
-            path = resolve_weights_source(source) if what == "init-from" else Path(source)
-            tensors, meta = read_safetensors(path, what)
-            target, state = weights_target(self.method, self.model, model_weights_from(tensors, meta))
-            report = load_model_weights(target, state, str(path), strict=m.weights_strict)
-            skipped = report["missing"] + report["unexpected"] + report["mismatched"]
-            log(f"weights: loaded {path}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
-            if skipped:
-                warn("keys not loaded: " + ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
-
-    def _prepare(self) -> None:
-        acc, ctx = self.accelerator, self.ctx
-        self.optimizers = self.method.configure_optimizers(self.model, ctx)
-        self.schedule = LRSchedule(self.recipe.schedule, ctx.base_lr, ctx.total_steps, ctx.steps_per_epoch)
-        # Optimizer state is loaded before prepare(), which moves it to the device with the weights.
+        self.global_batch = global_batch
+        ctx.base_lr = self._scaled_lr(r.optim.lr, r.optim.lr_base_batch)
+        self.build_modules()
+        if self.resume_from is None:
+            self._initial_weights()
+        self.transform()
+        for module in self.trained.values():
+            module.to(acc.device)
+        collate = getattr(self.data, "collate_fn", None)
+        workers, pin = r.data.workers, acc.device.type == "cuda"
+        if self.resume_from is None and self.method.calibration_batches > 0:
+            self._calibrate(collate)
+        self._build_optimizers()
         ema_state = self._load_training_state(self.resume_from) if self.resume_from is not None else None
-        prepared = acc.prepare(self.model, *self.optimizers)
-        self.model, self.optimizers = prepared[0], list(prepared[1:])
-        ctx.optimizers = self.optimizers
+        self._prepare(ema_state)
+        self.train_loader = make_loader(self.data.train, self.train_sampler, workers, pin, collate)
+        self.val_loaders = self.make_val_loaders()
+
+    def _scaled_lr(self, lr: float, base_batch: int | None) -> float:
+        return lr * (self.global_batch / base_batch if base_batch else 1.0)
+
+    def _calibrate(self, collate: Any) -> None:
+        r, acc = self.recipe, self.accelerator
+        sampler = ShardedBatchSampler(
+            len(self.data.train), r.data.batch_size, acc.process_index, self.world, r.train.seed, train=True
+        )
+        loader = make_loader(self.data.train, sampler, r.data.workers, acc.device.type == "cuda", collate)
+        n = min(self.method.calibration_batches, sampler.batches_per_epoch())
+
+        def batches() -> Any:
+            from accelerate.utils import send_to_device
+
+            for i, batch in enumerate(loader):
+                if i >= n:
+                    break
+                yield send_to_device(batch, acc.device)
+
+        _reseed_globals(mix_seed(r.train.seed, 0xCA11B, acc.process_index))
+        with torch.no_grad():
+            self.method.calibrate(self.raw_modules(), batches(), self.ctx)
+        log(f"calibrated on {n} batch(es) of training data")
+
+    def _build_optimizers(self) -> None:
+        r, ctx = self.recipe, self.ctx
+        specs = self.method.optimizers(self.raw_modules(), ctx)
+        unknown = sorted(set(r.optim.overrides) - set(specs))
+        if unknown:
+            from evcli.recipe import did_you_mean
+
+            raise RecipeError(
+                f"recipe key 'optim.overrides.{unknown[0]}': this method has no optimizer named "
+                f"'{unknown[0]}'{did_you_mean(unknown[0], specs)}",
+                hint=f"its optimizers: {', '.join(specs)}",
+            )
+        owner = {id(p): name for name, m in self.trained.items() for p in m.parameters()}
+        for name, spec in specs.items():
+            cfg, sched = settings_for(name, spec.optim or r.optim, spec.schedule or r.schedule, r.optim.overrides)
+            over = r.optim.overrides.get(name) or {}
+            lr = over.get("lr", spec.lr if spec.lr is not None else cfg.lr)
+            groups = parameters_of(spec.params)
+            for g in groups:
+                for p in g["params"]:
+                    if id(p) not in owner:
+                        raise MethodContractError(
+                            f"optimizer '{name}' holds a parameter of shape {list(p.shape)} that belongs to no "
+                            "trained module (it would not be checkpointed or synchronised)"
+                        )
+            self.named[name] = NamedOptimizer(
+                name, groups, cfg, sched, self._scaled_lr(lr, cfg.lr_base_batch), ctx.total_steps, ctx.steps_per_epoch
+            )
+
+    def _prepare(self, ema_state: dict[str, dict[str, torch.Tensor]] | None) -> None:
+        acc = self.accelerator
+        names = [n for n, m in self.trained.items() if _has_trainable(m)]
+        opt_names = list(self.named)
+        prepared = acc.prepare(*[self.trained[n] for n in names], *[self.named[n].optimizer for n in opt_names])
+        for n, m in zip(names, prepared[: len(names)]):
+            self.trained[n] = m
+        for n, o in zip(opt_names, prepared[len(names) :]):
+            self.named[n].optimizer = o
+        self.ctx.modules = self.raw_modules()
         if self.recipe.train.ema:
             from timm.utils import ModelEmaV3
 
-            # built from the prepared model so that it lives on the same device
-            self.ema = ModelEmaV3(self.unwrapped, decay=self.recipe.train.ema_decay)
-            if ema_state is not None:
-                load_model_weights(self.ema.module, ema_state, f"{self.resume_from} (EMA)", strict=True)
-        workers, pin = self.recipe.data.workers, acc.device.type == "cuda"
-        self.train_loader = make_loader(self.data.train, self.train_sampler, workers, pin)
-        self.val_loader = self.make_val_loader()
+            for n in names:
+                # built from the prepared module so that it lives on the same device
+                self.ema[n] = ModelEmaV3(acc.unwrap_model(self.trained[n]), decay=self.recipe.train.ema_decay)
+                if ema_state is not None:
+                    load_model_weights(self.ema[n].module, ema_state[n], f"{self.resume_from} (EMA {n})", strict=True)
 
-    def make_val_loader(self) -> Any:
+    def make_val_loaders(self) -> dict[str, Any]:
         r, acc = self.recipe, self.accelerator
-        sampler = ShardedBatchSampler(
-            len(self.data.val),
-            r.data.eval_batch_size or 2 * r.data.batch_size,
-            acc.process_index,
-            acc.num_processes,
-            r.train.seed,
-            train=False,
-        )
-        return make_loader(self.data.val, sampler, r.data.workers, acc.device.type == "cuda")
-
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        collate = getattr(self.data, "collate_fn", None)
+        loaders = {}
+        for name, dataset in self.val_sets().items():
+            sampler = ShardedBatchSampler(
+                len(dataset),
+                r.data.eval_batch_size or 2 * r.data.batch_size,
+                acc.process_index,
+                acc.num_processes,
+                r.train.seed,
+                train=False,
+            )
+            loaders[name] = make_loader(dataset, sampler, r.data.workers, acc.device.type == "cuda", collate)
+        return loaders
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
 
     def _state_tree(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.unwrapped.state_dict().items()}
-        if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        acc = self.accelerator
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in self.trained.items():
+            tensors.update({f"module.{name}.{k}": v for k, v in acc.unwrap_model(module).state_dict().items()})
+        for name, ema in self.ema.items():
+            tensors.update({f"ema.{name}.{k}": v for k, v in ema.module.state_dict().items()})
         state = {
-            "optimizers": [getattr(o, "optimizer", o).state_dict() for o in self.optimizers],
+            "optimizers": {
+                n: getattr(o.optimizer, "optimizer", o.optimizer).state_dict() for n, o in self.named.items()
+            },
             "method": self.method.state_dict(),
         }
         skeleton = encode_state(state, "state", tensors)
         return tensors, skeleton
 
+    def checkpoint_meta(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {
+            "evcli_version": __version__,
+            "torch_version": torch.__version__,
+            "command": self.recipe.command,
+            "model_name": self.recipe.model.name,
+            "modules": list(self.trained),
+            "num_classes": len(ctx.classes),
+            "classes": ctx.classes,
+            "step": ctx.step,
+            "epoch": ctx.epoch,
+            "steps_per_epoch": ctx.steps_per_epoch,
+            "total_steps": ctx.total_steps,
+            "recipe": self.recipe.to_dict(),
+        }
+
+    def _check_weights_finite(self) -> None:
+        """Refuse to write a checkpoint holding a non-finite tensor ("last good checkpoint" must be good)."""
+        bad = ""
+        for name, module in self.trained.items():
+            for key, t in self.accelerator.unwrap_model(module).state_dict().items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    bad = f"{name}.{key}"
+                    break
+            if bad:
+                break
+        flag = torch.tensor([float(bool(bad))], device=self.accelerator.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, "sum")
+        if flag.item():
+            raise TrainingDiverged(
+                f"weights became non-finite at step {self.ctx.step}"
+                + (f" ({bad})" if bad else " (on another process)")
+                + f"; no checkpoint was written. Last good checkpoint: {self._last_good()}",
+                hint="lower the learning rate (--lr), enable optim.clip_grad, or check the data",
+            )
+
+    def _last_good(self) -> str:
+        if self.last_ckpt_step is not None and self.run_dir:
+            return f"{self.run_dir / 'checkpoints' / 'last.safetensors'} (step {self.last_ckpt_step})"
+        return "none was written yet"
+
     def save_checkpoint(self, is_best: bool) -> None:
         """Write checkpoints/last.safetensors (and best) atomically on rank 0."""
+        self._check_weights_finite()
         tensors, skeleton = self._state_tree()  # every rank: state_dict() may sync in some wrappers
         if self.is_main and self.run_dir is not None:
-            ctx = self.ctx
             meta = {
+                **self.checkpoint_meta(),
                 "kind": "training",
-                "evcli_version": __version__,
-                "torch_version": torch.__version__,
-                "command": self.recipe.command,
-                "model_name": self.recipe.model.name,
-                "num_classes": ctx.num_classes,
-                "classes": list(getattr(self.data, "classes", [])),
-                "step": ctx.step,
-                "epoch": ctx.epoch,
-                "steps_per_epoch": ctx.steps_per_epoch,
-                "total_steps": ctx.total_steps,
-                "world_size": self.accelerator.num_processes,
+                "world_size": self.world,
                 "best": self.best,
                 "rng": {"scheme": "step-keyed", "seed": self.recipe.train.seed},
                 "state": skeleton,
-                "recipe": self.recipe.to_dict(),
             }
             ckdir = self.run_dir / "checkpoints"
             last = save_safetensors(ckdir / "last.safetensors", tensors, meta)
@@ -287,29 +471,48 @@ class Trainer:
         self.last_ckpt_step = self.ctx.step
         self.accelerator.wait_for_everyone()
 
-    def _load_training_state(self, path: Path) -> dict[str, torch.Tensor] | None:
-        """Restore weights, optimizers, method state and the clock; returns the EMA weights, if any."""
+    def load_modules_from(self, tensors: dict[str, torch.Tensor], source: str, prefix: str = "module.") -> None:
+        """Every trained module's weights from a training checkpoint (strict: same modules, same keys)."""
+        acc = self.accelerator
+        saved = {k.split(".", 2)[1] for k in tensors if k.startswith(prefix)}
+        missing = [n for n in self.trained if n not in saved]
+        if missing:
+            raise CheckpointError(f"{source} has no weights for module(s) {', '.join(missing)} of this method")
+        for name, module in self.trained.items():
+            p = f"{prefix}{name}."
+            state = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+            load_model_weights(acc.unwrap_model(module), state, f"{source} ({name})", strict=True)
+
+    def _load_training_state(self, path: Path) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Restore modules, optimizers, method state and the clock; returns the EMA weights, if any."""
         tensors, meta = read_safetensors(path, "checkpoint")
         if meta.get("kind") != "training":
             raise CheckpointError(f"{path} is not an evcli training checkpoint")
-        load_model_weights(self.model, model_weights_from(tensors, meta), str(path), strict=True)
-        ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
-        if self.recipe.train.ema and ema_state is None:
-            raise CheckpointError(f"{path} has no EMA weights but the recipe has train.ema: true")
+        self.load_modules_from(tensors, str(path))
+        ema_state = None
+        if self.recipe.train.ema:
+            ema_state = {}
+            for name in self.trained:
+                p = f"ema.{name}."
+                ema_state[name] = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+                if _has_trainable(self.trained[name]) and not ema_state[name]:
+                    raise CheckpointError(f"{path} has no EMA weights but the recipe has train.ema: true")
         state = decode_state(meta["state"], tensors)
-        if len(state["optimizers"]) != len(self.optimizers):
+        saved = state["optimizers"]
+        if not isinstance(saved, dict) or set(saved) != set(self.named):
             raise CheckpointError(
-                f"{path} holds {len(state['optimizers'])} optimizer states, expected {len(self.optimizers)}"
+                f"{path} holds optimizer states {sorted(saved) if isinstance(saved, dict) else len(saved)}, "
+                f"this method has {sorted(self.named)}"
             )
-        for opt, sd in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        for name, sd in saved.items():
+            self.named[name].optimizer.load_state_dict(sd)
         self.method.load_state_dict(state["method"])
         self.ctx.step = int(meta["step"])
         self.best = meta.get("best", {})
         self.last_ckpt_step = self.ctx.step
-        if meta.get("world_size", 1) != self.accelerator.num_processes:
+        if meta.get("world_size", 1) != self.world:
             warn(
-                f"resuming a {meta.get('world_size')}-process run with {self.accelerator.num_processes} process(es): "
+                f"resuming a {meta.get('world_size')}-process run with {self.world} process(es): "
                 "data order and results will differ from the uninterrupted run"
             )
         return ema_state
@@ -332,6 +535,15 @@ class Trainer:
         except ValueError:  # not in the main thread
             return None
 
+    def _diverged(self, loss: torch.Tensor, what: str = "loss") -> TrainingDiverged:
+        value = loss.detach().float()
+        kind = "nan" if bool(torch.isnan(value).any()) else "inf"
+        return TrainingDiverged(
+            f"{what} became {kind} at step {self.ctx.step + 1} (epoch {self.ctx.epoch}); the weights were not "
+            f"updated. Last good checkpoint: {self._last_good()}",
+            hint="lower the learning rate (--lr), enable optim.clip_grad, or check the data",
+        )
+
     def _check_step(self, loss_sum: torch.Tensor) -> None:
         """NaN/inf guard and interrupt flag, agreed over all processes (one tiny reduce per step)."""
         flags = torch.stack(
@@ -344,44 +556,78 @@ class Trainer:
             flags = self.accelerator.reduce(flags, "sum")
         bad, interrupted = flags.tolist()
         if bad:
-            where = (
-                f"{self.run_dir / 'checkpoints' / 'last.safetensors'} (step {self.last_ckpt_step})"
-                if self.last_ckpt_step is not None and self.run_dir
-                else "none was written yet"
-            )
-            raise TrainingDiverged(
-                f"loss became {'nan' if math.isnan(loss_sum.item()) else 'inf'} at step {self.ctx.step + 1} "
-                f"(epoch {self.ctx.epoch}); the weights were not updated. Last good checkpoint: {where}",
-                hint="lower the learning rate (--lr), enable optim.clip_grad, or check the data",
-            )
+            raise self._diverged(loss_sum)
         self._interrupt = bool(interrupted)
 
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.is_main and self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+    def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
+        """``ctx.step_optimizer``: see :meth:`evcli.engine.context.TrainContext.step_optimizer`."""
+        if name not in self.named:
+            raise MethodContractError(f"step_optimizer: no optimizer named '{name}' (have: {', '.join(self.named)})")
+        opt = self.named[name]
+        ctx, accum = self.ctx, self.recipe.train.grad_accum
+        bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item():
+            raise self._diverged(loss, f"loss of optimizer '{name}'")
+        if ctx.micro_step == 0:
+            opt.optimizer.zero_grad(set_to_none=True)
+        # only this optimizer's parameters receive gradients from this loss (a generator loss that runs through
+        # the discriminator leaves nothing on it)
+        self.accelerator.backward(loss / accum if accum > 1 else loss, inputs=opt.params)
+        if ctx.is_last_micro_step:
+            if opt.cfg.clip_grad:
+                self.accelerator.clip_grad_norm_(opt.params, opt.cfg.clip_grad)
+            opt.optimizer.step()
+            opt.optimizer.zero_grad(set_to_none=True)
 
-    def _trim_metrics(self, step: int) -> None:
-        """On resume, drop metric records the killed run wrote after its last checkpoint."""
-        path = self.run_dir / "metrics.jsonl" if self.run_dir else None
-        if not self.is_main or path is None or not path.exists():
-            return
-        keep = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    def current_lr(self, name: str) -> float:
+        return self.named[name].lr
 
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.ctx.step % every == 0
+    def _no_sync(self) -> ExitStack:
+        stack = ExitStack()
+        for module in self.trained.values():
+            stack.enter_context(self.accelerator.no_sync(module))
+        return stack
 
-    def _evaluate(self) -> dict[str, float]:
-        metrics = self.method.evaluate(self.unwrapped, self.val_loader, self.ctx)
-        if self.ema is not None:
-            ema_metrics = self.method.evaluate(self.ema.module, self.val_loader, self.ctx)
-            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
-        return metrics
+    def _train_step(self, batches: Any) -> StepOutput:
+        from accelerate.utils import send_to_device
+
+        r, ctx, acc = self.recipe, self.ctx, self.accelerator
+        for opt in self.named.values():
+            opt.apply(ctx.step)
+        accum = r.train.grad_accum
+        total_loss = None
+        out: StepOutput | None = None
+        modules = ctx.modules
+        for micro in range(accum):
+            ctx.micro_step = micro
+            _reseed_globals(mix_seed(r.train.seed, ctx.step, micro, acc.process_index, 0x7E))
+            batch = send_to_device(next(batches), acc.device, non_blocking=True)
+            sync = micro == accum - 1 or self.world == 1
+            with ExitStack() if sync else self._no_sync():
+                with acc.autocast():
+                    out = self.method.training_step(modules, batch, ctx)
+                if not self.method.owns_step:
+                    acc.backward(out.loss / accum if accum > 1 else out.loss)
+            loss = out.loss.detach()
+            total_loss = loss if total_loss is None else total_loss + loss
+        self._check_step(total_loss)
+        if not self.method.owns_step:
+            self.method.after_backward(modules, ctx)
+            for opt in self.named.values():
+                if opt.cfg.clip_grad:
+                    acc.clip_grad_norm_(opt.params, opt.cfg.clip_grad)
+                opt.optimizer.step()
+            for opt in self.named.values():
+                opt.optimizer.zero_grad(set_to_none=True)
+        ctx.micro_step = 0
+        self.method.after_optimizer_step(modules, ctx)
+        for name, ema in self.ema.items():
+            ema.update(acc.unwrap_model(self.trained[name]), step=ctx.step)
+        assert out is not None
+        out.loss = total_loss / accum
+        return out
 
     def fit(self, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
         """Train to the end of the schedule, evaluate, export; returns the report.
@@ -389,24 +635,28 @@ class Trainer:
         Args:
             on_ready: called once everything is built, before the first step (creates the run folder).
         """
-        self._build(for_training=True)
-        if self.resume_from is None:
-            self._load_initial_weights()
-        self._prepare()
+        self._setup_training()
         if on_ready is not None:
             on_ready()
         r, ctx, acc = self.recipe, self.ctx, self.accelerator
+        if r.train.log_with:
+            from evcli.recipe import _flatten
+
+            acc.init_trackers(f"evcli-{r.command}", config=_flatten(r.to_dict()))
         if self.resume_from is not None:
             self._trim_metrics(ctx.step)
             log(f"resume: step {ctx.step}/{ctx.total_steps} from {self.resume_from}")
+        mp, mp_source = precision_of(r)
+        log(f"precision: {mp} (from {mp_source})")
         eval_every = ctx.resolve(r.train.eval_every)
         ckpt_every = ctx.resolve(r.train.ckpt_every) if r.train.ckpt_every else eval_every
-        n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        n_params = sum(p.numel() for m in self.trained.values() for p in acc.unwrap_model(m).parameters())
         log(f"data: {self.data.description}")
+        opts = ", ".join(f"{n} {o.cfg.name} lr {o.base_lr:.3g}" for n, o in self.named.items())
         log(
-            f"model: {r.model.name}, {n_params / 1e6:.2f}M parameters; {acc.num_processes} process(es) on "
-            f"{acc.device.type}; {ctx.total_steps} steps ({ctx.steps_per_epoch}/epoch), global batch "
-            f"{r.data.batch_size * acc.num_processes * r.train.grad_accum}, lr {ctx.base_lr:.3g}"
+            f"model: {r.model.name}, {n_params / 1e6:.2f}M trained parameters ({', '.join(self.trained)}); "
+            f"{acc.num_processes} process(es) on {acc.device.type}; {ctx.total_steps} steps "
+            f"({ctx.steps_per_epoch}/epoch), global batch {self.global_batch}; optimizers: {opts}"
         )
         previous_handler = self._install_sigint()
         progress = _Progress(ctx.total_steps, enabled=self.is_main)
@@ -425,32 +675,30 @@ class Trainer:
                     steps_left = min(ctx.steps_per_epoch - in_epoch, ctx.total_steps - ctx.step)
                     for _ in range(steps_left):
                         out = self._train_step(batches)
-                        seen += r.data.batch_size * r.train.grad_accum * acc.num_processes
+                        seen += self.global_batch
                         window.append(out.loss.detach())
                         ctx.step += 1
-                        end_of_epoch = ctx.step % ctx.steps_per_epoch == 0
-                        if end_of_epoch:
+                        if ctx.step % ctx.steps_per_epoch == 0:
                             self.method.on_epoch_end(ctx.epoch, ctx)
                         progress.advance_to(ctx.step, loss=out.loss)
                         if self._due(r.train.log_every) or ctx.step == ctx.total_steps:
                             loss = torch.stack(window).float().mean().item()
                             window = []
-                            rec = {
-                                "step": ctx.step,
-                                "epoch": ctx.epoch,
-                                "loss": loss,
-                                "lr": self.optimizers[0].param_groups[0]["lr"],
-                                "img_per_s": seen / max(time.perf_counter() - t_start, 1e-9),
-                            }
+                            rec = {"step": ctx.step, "epoch": ctx.epoch, "split": "train", "loss": loss}
+                            rec.update(
+                                {f"lr/{n}" if len(self.named) > 1 else "lr": o.lr for n, o in self.named.items()}
+                            )
+                            rec["samples_per_s"] = seen / max(time.perf_counter() - t_start, 1e-9)
                             rec.update({k: float(v) for k, v in out.logs.items()})
                             self._write_metrics(rec)
                             progress.note(
                                 f"step {ctx.step}/{ctx.total_steps} epoch {ctx.epoch} loss {loss:.4f} "
-                                f"lr {rec['lr']:.3g} {rec['img_per_s']:.1f} img/s"
+                                + " ".join(f"{k} {rec[k]:.3g}" for k in rec if k.startswith("lr"))
+                                + f" {rec['samples_per_s']:.1f} samples/s"
                             )
                         evaluated = False
                         if self._due(eval_every) or ctx.step == ctx.total_steps:
-                            metrics = self._evaluate()
+                            metrics = self.evaluate()
                             self._write_metrics({"step": ctx.step, "epoch": ctx.epoch, "split": "val", **metrics})
                             progress.note(
                                 f"eval step {ctx.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -474,47 +722,11 @@ class Trainer:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
         if not metrics:  # resumed at the very end: evaluate once more for the report
-            metrics = self._evaluate()
-        return self._finish(metrics, time.perf_counter() - t_start, seen)
-
-    def _train_step(self, batches: Any) -> StepOutput:
-        from accelerate.utils import send_to_device
-
-        r, ctx, acc = self.recipe, self.ctx, self.accelerator
-        for opt in self.optimizers:
-            self.schedule.apply(opt, ctx.step)
-        accum = r.train.grad_accum
-        total_loss = None
-        out: StepOutput | None = None
-        for micro in range(accum):
-            ctx.micro_step = micro
-            _reseed_globals(mix_seed(r.train.seed, ctx.step, micro, acc.process_index, 0x7E))
-            batch = send_to_device(next(batches), acc.device, non_blocking=True)
-            if self.method.owns_step:
-                out = self.method.training_step(self.model, batch, ctx)
-            else:
-                sync = micro == accum - 1 or self.world == 1
-                with nullcontext() if sync else acc.no_sync(self.model):
-                    with acc.autocast():
-                        out = self.method.training_step(self.model, batch, ctx)
-                    acc.backward(out.loss / accum if accum > 1 else out.loss)
-            loss = out.loss.detach()
-            total_loss = loss if total_loss is None else total_loss + loss
-        self._check_step(total_loss)
-        if not self.method.owns_step:
-            self.method.after_backward(self.model, ctx)
-            if r.optim.clip_grad:
-                acc.clip_grad_norm_(self.model.parameters(), r.optim.clip_grad)
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        ctx.micro_step = 0
-        self.method.after_optimizer_step(self.model, ctx)
-        if self.ema is not None:
-            self.ema.update(self.unwrapped, step=ctx.step)
-        assert out is not None
-        out.loss = total_loss / accum
-        return out
+            metrics = self.evaluate()
+        report = self._finish(metrics, time.perf_counter() - t_start, seen)
+        if r.train.log_with:
+            acc.end_training()
+        return report
 
     def _update_best(self, metrics: dict[str, float]) -> bool:
         key, mode = self.recipe.train.best_metric, self.recipe.train.best_mode
@@ -526,122 +738,134 @@ class Trainer:
             return True
         return False
 
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        record = {**record, "time": round(time.time(), 3)}
+        if self.is_main and self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.recipe.train.log_with:
+            split = record.get("split", "train")
+            values = {
+                f"{split}/{k}": v
+                for k, v in record.items()
+                if k not in ("step", "split", "time") and isinstance(v, (int, float))
+            }
+            self.accelerator.log(values, step=record["step"])
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop metric records the killed run wrote after its last checkpoint."""
+        path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        if not self.is_main or path is None or not path.exists():
+            return
+        keep = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.ctx.step % every == 0
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation (the engine loops, sums and reduces; the method sums one batch and summarizes)
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of every val set (prefixed ``<set>/`` when there are several), EMA ones as ``ema_``."""
+        metrics = self._evaluate_all(self.eval_modules())
+        if self.ema:
+            ema_metrics = self._evaluate_all(self.eval_modules(ema=True))
+            metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+        return metrics
+
+    def _evaluate_all(self, modules: Modules) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        several = len(self.val_loaders) > 1
+        for name, loader in self.val_loaders.items():
+            values = self.evaluate_loader(modules, loader)
+            metrics.update({(f"{name}/{k}" if several else k): v for k, v in values.items()})
+        metrics.update(self.method.model_metrics(modules, self.ctx))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_loader(self, modules: Modules, loader: Any) -> dict[str, float]:
+        from accelerate.utils import send_to_device
+
+        acc = self.accelerator
+        modes = {n: m.training for n, m in modules.trained.items()}
+        for m in modules.trained.values():
+            m.eval()
+        sums: dict[str, torch.Tensor] = {}
+        try:
+            for batch in loader:
+                batch = send_to_device(batch, acc.device, non_blocking=True)
+                with acc.autocast():
+                    part = self.method.eval_step(modules, batch, self.ctx)
+                for k, v in part.items():
+                    v = v.detach().to(torch.float64)
+                    sums[k] = sums[k] + v if k in sums else v
+        finally:
+            for n, m in modules.trained.items():
+                m.train(modes[n])
+        if self.world > 1:
+            keys = sorted(sums)
+            flat = torch.cat([sums[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, device=acc.device)
+            flat = acc.reduce(flat, "sum")
+            out, i = {}, 0
+            for k in keys:
+                n = sums[k].numel()
+                out[k] = flat[i : i + n].reshape(sums[k].shape)
+                i += n
+            sums = out
+        return self.method.summarize(sums, self.ctx)
+
     # ------------------------------------------------------------------------------------------
     # the end
 
     def _finish(self, metrics: dict[str, float], seconds: float, seen: int) -> dict[str, Any]:
-        ctx, r = self.ctx, self.recipe
-        exported = self.method.export(self.unwrapped, ctx)
+        ctx, r, acc = self.ctx, self.recipe, self.accelerator
+        modules = self.eval_modules()
+        exported = self.method.export(modules, ctx)
+        ema_exported = self.method.export(self.eval_modules(ema=True), ctx) if self.ema else None
         files: dict[str, str] = {}
         report: dict[str, Any] = {}
         if self.is_main and self.run_dir is not None:
-            meta = {
-                "evcli_version": __version__,
-                "command": r.command,
-                "model_name": r.model.name,
-                "num_classes": ctx.num_classes,
-                "classes": list(getattr(self.data, "classes", [])),
-                "step": ctx.step,
-                "metrics": metrics,
-                "recipe": r.to_dict(),
-            }
+            meta = {**self.checkpoint_meta(), "metrics": metrics}
             files["weights"] = str(save_weights(self.run_dir / "final.safetensors", exported, meta))
-            if self.ema is not None:
-                ema_weights = self.method.export(self.ema.module, ctx)
-                files["ema_weights"] = str(save_weights(self.run_dir / "final_ema.safetensors", ema_weights, meta))
+            if ema_exported is not None:
+                files["ema_weights"] = str(save_weights(self.run_dir / "final_ema.safetensors", ema_exported, meta))
             files["last_checkpoint"] = str(self.run_dir / "checkpoints" / "last.safetensors")
             if (self.run_dir / "checkpoints" / "best.safetensors").exists():
                 files["best_checkpoint"] = str(self.run_dir / "checkpoints" / "best.safetensors")
             files["metrics"] = str(self.run_dir / "metrics.jsonl")
+            files.update(self.method.artifacts(modules, self.run_dir, ctx))
             report = {
                 "command": r.command,
                 "method": getattr(r.method, "method", r.command),
                 "model": r.model.name,
                 "parameters": sum(p.numel() for p in exported.values() if p.is_floating_point()),
+                "trained_modules": {
+                    n: sum(p.numel() for p in acc.unwrap_model(m).parameters()) for n, m in self.trained.items()
+                },
+                "frozen_modules": dict(self.frozen_sources),
+                "optimizers": {n: {"name": o.cfg.name, "base_lr": o.base_lr} for n, o in self.named.items()},
                 "data": self.data.description,
-                "processes": self.accelerator.num_processes,
-                "device": self.accelerator.device.type,
+                "processes": acc.num_processes,
+                "device": acc.device.type,
+                "precision": precision_of(r)[0],
                 "steps": ctx.step,
                 "epochs": ctx.step / ctx.steps_per_epoch,
                 "metrics": metrics,
                 "best": self.best,
                 "train_seconds_this_session": round(seconds, 3),
-                "img_per_s": round(seen / seconds, 2) if seconds > 0 else None,
+                "samples_per_s": round(seen / seconds, 2) if seconds > 0 else None,
                 "run_dir": str(self.run_dir),
                 "files": files,
             }
+            report.update(self.method.report_extras(ctx))
             atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         return report
-
-    def evaluate_only(self, weights: Path, strict: bool = True) -> dict[str, Any]:
-        """Build the model, load ``weights`` and evaluate it on the val data."""
-        self._build(for_training=False)
-        tensors, meta = read_safetensors(weights, "weights file")
-        target, state = weights_target(self.method, self.model, model_weights_from(tensors, meta))
-        load_model_weights(target, state, str(weights), strict=strict)
-        self.val_loader = self.make_val_loader()
-        metrics = self.method.evaluate(self.model, self.val_loader, self.ctx)
-        return {
-            "command": self.recipe.command,
-            "model": self.recipe.model.name,
-            "weights": str(weights),
-            "data": self.data.description,
-            "metrics": metrics,
-        }
-
-    def export_only(self, checkpoint: Path, output: Path) -> dict[str, Any]:
-        """Rebuild the model of a training checkpoint, restore it and write the method's export."""
-        tensors, meta = read_safetensors(checkpoint, "checkpoint")
-        self.ctx.num_classes = int(meta["num_classes"])
-        torch.manual_seed(self.recipe.train.seed)
-        model = self.method.build(self.ctx)
-        load_model_weights(model, model_weights_from(tensors, meta), str(checkpoint), strict=True)
-        state = decode_state(meta["state"], tensors)
-        self.method.load_state_dict(state["method"])
-        self.ctx.step = int(meta["step"])
-        exported = self.method.export(model, self.ctx)
-        out_meta = {
-            "evcli_version": __version__,
-            "command": self.recipe.command,
-            "model_name": self.recipe.model.name,
-            "num_classes": self.ctx.num_classes,
-            "classes": meta.get("classes", []),
-            "step": self.ctx.step,
-            "metrics": meta.get("best", {}),
-            "recipe": self.recipe.to_dict(),
-        }
-        path = save_weights(output, exported, out_meta)
-        return {"checkpoint": str(checkpoint), "step": self.ctx.step, "weights": str(path), "tensors": len(exported)}
-
-
-def weights_target(
-    method: Method, model: nn.Module, state: dict[str, torch.Tensor]
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Where user weights go: the method's ``weights_target`` (e.g. the backbone inside a train-time
-    wrapper). Weights saved from the whole wrapper (a training checkpoint) are narrowed to it."""
-    target = method.weights_target(model)
-    if target is model:
-        return model, state
-    prefix = next(name for name, module in model.named_modules() if module is target) + "."
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return target, state
-
-
-def resolve_weights_source(source: str | Path) -> Path:
-    """A run folder's exported weights (else its best, else last checkpoint), or a file as given."""
-    p = Path(source).expanduser()
-    if p.is_dir():
-        for candidate in (
-            p / "final.safetensors",
-            p / "checkpoints" / "best.safetensors",
-            p / "checkpoints" / "last.safetensors",
-        ):
-            if candidate.exists():
-                return candidate
-        raise CheckpointError(f"no weights in run folder {p} (no final.safetensors or checkpoints/)")
-    return p
 
 
 class _Progress:

@@ -231,7 +231,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def model_weights_from(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "model."
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str = "module.model."
 ) -> dict[str, torch.Tensor]:
     """The model's state dict inside a training checkpoint, or the file itself for a weights file."""
     if meta.get("kind") == "training":

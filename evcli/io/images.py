@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -61,3 +62,9 @@ def verify_image(path: Path) -> str | None:
     except Exception as exc:  # any decoder failure counts as corrupt
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
+
+
+def save_png(t: Any, path: Path) -> None:
+    """Write a tensor [C, H, W] in [0, 1] (C = 1 or 3) as an 8-bit PNG."""
+    arr = (t.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)

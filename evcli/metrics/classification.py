@@ -1,8 +1,6 @@
-"""Top-k accuracy and loss of a classifier over a (possibly sharded) loader, exact over processes."""
+"""Top-k accuracy and loss of a classifier as sums over batches (the engine adds them up over processes)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,33 +14,23 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
     return [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
 
 
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader: Any, ctx: Any) -> dict[str, float]:
-    """top1 / top5 (percent) and mean cross-entropy over the whole val set, summed over processes."""
-    from accelerate.utils import send_to_device
+def classification_sums(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Top-1 / top-5 hits, summed cross-entropy and the sample count of one batch."""
+    logits = logits.float()
+    c1, c5 = topk_correct(logits, target, (1, 5))
+    return {
+        "top1": c1,
+        "top5": c5,
+        "loss": nn.functional.cross_entropy(logits, target, reduction="sum"),
+        "n": torch.tensor(float(len(target)), device=logits.device),
+    }
 
-    was_training = model.training
-    model.eval()
-    acc = ctx.accelerator
-    totals = torch.zeros(4, dtype=torch.float64, device=acc.device)
-    for x, y in loader:
-        x, y = send_to_device((x, y), acc.device, non_blocking=True)
-        with acc.autocast():
-            logits = model(x)
-        logits = logits.float()
-        c1, c5 = topk_correct(logits, y, (1, 5))
-        loss = nn.functional.cross_entropy(logits, y, reduction="sum")
-        totals += torch.stack(
-            [
-                c1.double(),
-                c5.double(),
-                loss.double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=acc.device),
-            ]
-        )
-    if acc.num_processes > 1:
-        totals = acc.reduce(totals, "sum")
-    model.train(was_training)
-    c1, c5, loss, n = totals.tolist()
-    n = max(n, 1.0)
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n}
+
+def classification_summary(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """top1 / top5 in percent and the mean cross-entropy over the whole val set."""
+    n = max(float(sums["n"]), 1.0)
+    return {
+        "top1": 100.0 * float(sums["top1"]) / n,
+        "top5": 100.0 * float(sums["top5"]) / n,
+        "loss": float(sums["loss"]) / n,
+    }

@@ -93,8 +93,9 @@ def run_cli(args: list[str]) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-def launch_two_processes(args: list[str], timeout: int = 300):  # noqa: ANN201 - subprocess.CompletedProcess
-    """Run ``evcli ARGS`` in 2 CPU processes (DDP over gloo) through the real ``accelerate launch``."""
+def launch_two_processes(args: list[str], timeout: int = 300, script: str | None = None):  # noqa: ANN201
+    """Run ``evcli ARGS`` (or ``python SCRIPT ARGS``) in 2 CPU processes (DDP over gloo) through the real
+    ``accelerate launch``; returns the subprocess.CompletedProcess."""
     import os
     import shutil
     import subprocess
@@ -114,8 +115,7 @@ def launch_two_processes(args: list[str], timeout: int = 300):  # noqa: ANN201 -
         "no",
         "--dynamo_backend",
         "no",
-        "-m",
-        "evcli",
+        *(["-m", "evcli"] if script is None else [script]),
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

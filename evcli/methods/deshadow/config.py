@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from evcli.durations import Duration
 from evcli.errors import RecipeError
-from evcli.recipe import Duration
 from evcli.registry import register_command
 
 METHODS = ("labnet", "sadc")

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from evcli.console import warn
@@ -61,6 +60,13 @@ class Remover:
     weights: str
     mask_threshold: float
     recipe: Any = None
+    features: nn.Module | None = None  # SADC's frozen VGG16 backbone
+
+    def run(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Shadow-free RGB [N, 3, H, W] of RGB images and binary masks."""
+        if self.features is None:
+            return self.model(rgb, mask)
+        return self.model(rgb, mask, features=self.features)
 
 
 def load_remover(
@@ -95,7 +101,7 @@ def load_remover(
                 f"no default weights ship for --method {name}",
                 hint=f"train some with `evcli deshadow train --method {name}` and pass --weights RUN_DIR",
             )
-    from evcli.engine.trainer import resolve_weights_source
+    from evcli.engine.run import resolve_weights_source
     from evcli.io.checkpoint import load_model_weights, model_weights_from, read_safetensors
     from evcli.methods.deshadow.config import DeshadowConfig
     from evcli.methods.deshadow.method import DeshadowModel
@@ -121,7 +127,7 @@ def load_remover(
         from evcli.methods.deshadow.layers import vgg16_features
 
         vgg, _ = vgg16_features(cfg.vgg, cfg.vgg_weights)
-    model = DeshadowModel(cfg, vgg)
+    model = DeshadowModel(cfg)
     load_model_weights(model, model_weights_from(tensors, meta), str(path), strict=True)
     if cfg.method == "labnet":
         # channels-last runs LAB-Net's small dilated convs about 1.6x faster on CPU (bench/deshadow.py)
@@ -131,7 +137,7 @@ def load_remover(
             model.net.final.float()
     elif precision == "bf16":
         raise UsageError(BF16_LABNET_ONLY)
-    return Remover(model.eval(), cfg.method, str(path), cfg.mask_threshold_test, recipe)
+    return Remover(model.eval(), cfg.method, str(path), cfg.mask_threshold_test, recipe, vgg)
 
 
 @torch.no_grad()
@@ -143,7 +149,7 @@ def remove_shadow(remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile:
     """
     h, w = rgb.shape[-2:]
     if max(h, w) <= tile:
-        return remover.model(rgb[None], mask[None])[0].clamp(0, 1)
+        return remover.run(rgb[None], mask[None])[0].clamp(0, 1)
     overlap = 64
     step = tile - overlap
     out = torch.zeros_like(rgb)
@@ -153,7 +159,7 @@ def remove_shadow(remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile:
     for y in ys:
         for x in xs:
             th, tw = min(tile, h), min(tile, w)
-            part = remover.model(rgb[None, :, y : y + th, x : x + tw], mask[None, :, y : y + th, x : x + tw])[0]
+            part = remover.run(rgb[None, :, y : y + th, x : x + tw], mask[None, :, y : y + th, x : x + tw])[0]
             ramp_y = torch.clamp(torch.minimum(torch.arange(th) + 1, th - torch.arange(th)) / overlap, max=1.0)
             ramp_x = torch.clamp(torch.minimum(torch.arange(tw) + 1, tw - torch.arange(tw)) / overlap, max=1.0)
             wgt = (ramp_y[:, None] * ramp_x[None, :])[None]
@@ -178,12 +184,6 @@ def read_user_mask(path: Path, size: tuple[int, int], threshold: float) -> torch
     if not bool(((values == 0) | (values == 1)).all()):
         warn(f"mask {path} is not binary ({values.numel()} levels): thresholded at {threshold}")
     return (m > threshold).float()
-
-
-def save_png(t: torch.Tensor, path: Path) -> None:
-    """Write [C, H, W] in [0, 1] (C = 1 or 3) as an 8-bit PNG."""
-    arr = (t.clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).numpy()
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)
 
 
 def comparison(before: torch.Tensor, mask: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -94,9 +94,28 @@ def fused_inference(x: torch.Tensor) -> bool:
         and fused_available()
         and x.device.type == "cpu"
         and x.shape[0] == 1
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and fused_bf16_available()))
         and not torch.is_grad_enabled()
     )
+
+
+_BF16_FUSED: dict[str, bool] = {}
+
+
+def fused_bf16_available() -> bool:
+    """Whether oneDNN's fused convolution runs in bf16 on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT;
+    without them bf16 inference takes the plain path, which torch runs on any CPU). Probed once."""
+    if "ok" not in _BF16_FUSED:
+        ok = fused_available()
+        if ok:
+            x = torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16)
+            w = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)
+            try:
+                _CONV_POINTWISE(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+            except RuntimeError:
+                ok = False
+        _BF16_FUSED["ok"] = ok
+    return _BF16_FUSED["ok"]
 
 
 def fused_available() -> bool:

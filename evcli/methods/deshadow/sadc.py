@@ -197,18 +197,18 @@ class Hypercolumn(nn.Module):
     1475-channel stack (up to float rounding) without materialising it (1.8 GB at 640x480).
     """
 
-    def __init__(self, features: nn.Sequential, channels: int = 64) -> None:
+    def __init__(self, channels: int = 64) -> None:
         super().__init__()
-        self.vgg = features
         self.fusion = nn.Conv2d(sum(HYPERCOLUMN_CHANNELS), channels, 1)
         self._levels: list[tuple[int, int]] = []
 
-    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, features: nn.Sequential) -> torch.Tensor:
+        """``features``: the frozen VGG16 feature stack (a frozen module of the run, never part of this one)."""
         h, w = rgb.shape[-2:]
         with torch.no_grad():
             levels, x = [rgb], rgb
             for a, b in VGG_BLOCKS:
-                x = self.vgg[a:b](x)
+                x = features[a:b](x)
                 levels.append(x)
         weight = self.fusion.weight
         out, start = None, 0
@@ -229,27 +229,29 @@ class Hypercolumn(nn.Module):
 
 class SADCNet(nn.Module):
     """The SADC shadow-removal network (``ShadowRemoval(channels=64)`` of the card), without the release's
-    unused modules. Output: the shadow-free RGB image (no global residual)."""
+    unused modules. Output: the shadow-free RGB image (no global residual). Its frozen VGG16 hypercolumn
+    backbone is given to ``forward`` (``features``): it is a frozen module of the run, not part of the
+    trained network's parameters, checkpoints or exports."""
 
     STAGES = (((1, 1), (3, 1)), ((3, 2), (3, 4)), ((3, 8), (3, 16)), ((3, 32), (3, 64)))  # (kernel, dilation)
 
-    def __init__(self, features: nn.Sequential, channels: int = 64, morph: int = 7, sparse: bool = True):
+    def __init__(self, channels: int = 64, morph: int = 7, sparse: bool = True):
         super().__init__()
         c = channels
         self.morph = morph
-        self.hypercolumn = Hypercolumn(features, c)
+        self.hypercolumn = Hypercolumn(c)
         self.dyn = nn.ModuleList(DynConv(c, k, d, sparse) for stage in self.STAGES for k, d in stage)
         self.agg0, self.agg1 = Aggregation(2 * c, c), Aggregation(3 * c, c)
         self.agg2, self.agg3 = Aggregation(3 * c, c), Aggregation(4 * c, c)
         self.spp = SPP(c)
         self.head = nn.Conv2d(c, 3, 1)
 
-    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """RGB in [0, 1] [N, 3, H, W] and a binary mask [N, 1, H, W] -> shadow-free RGB."""
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor, features: nn.Sequential) -> torch.Tensor:
+        """RGB in [0, 1] [N, 3, H, W], a binary mask [N, 1, H, W] and the VGG16 features -> shadow-free RGB."""
         m = mask
         inner = m - erode(m, self.morph)
         outer = dilate(m, self.morph) - m
-        f = self.hypercolumn(rgb)
+        f = self.hypercolumn(rgb, features)
         d = self.dyn
         o01 = d[0](f, m, inner, outer)
         o02 = d[1](o01, m, inner, outer)

@@ -3,8 +3,9 @@
 Mixup and CutMix are timm's (``timm.data.Mixup``, batch mode, partner = flipped batch, label
 smoothing folded into the targets, CutMix area-corrected lambda). SMMix (``smmix.py``) replaces the
 CutMix half of the DeiT recipe: each batch takes the SMMix branch with probability ``switch_prob``,
-else plain Mixup. Random draws use NumPy's global RNG, which the engine reseeds per step, so mixing is
-reproducible and resumable.
+else plain Mixup. SMMix's train-time token head is added in ``transform`` (after user weights load into
+the plain backbone) and dropped at export. Random draws use NumPy's global RNG, which the engine reseeds
+per step, so mixing is reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -17,31 +18,26 @@ import torch
 from torch import nn
 
 from evcli.console import log
-from evcli.engine.method import Method, StepOutput
+from evcli.engine.method import StepOutput
 from evcli.errors import UsageError
+from evcli.methods.classifier import ClassifierMethod
 from evcli.methods.mix import smmix as sm
-from evcli.recipe import Recipe
 
 
-class MixMethod(Method):
+class MixMethod(ClassifierMethod):
     """Classifier training with image mixing of each training batch."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Any):
         super().__init__(recipe)
         self.mixer: Any = None
         self.smmix = recipe.method.method == "smmix"
         self.ddp_find_unused_parameters = self.smmix  # the token head is idle on Mixup steps
+        self.label_smoothing = self.cfg.label_smoothing
         self.saved_mixed = False
 
-    def build_data(self, ctx: Any) -> Any:
-        data = super().build_data(ctx)
-        self.class_names = list(data.classes)
-        return data
-
-    def build(self, ctx: Any) -> nn.Module:
-        model = super().build(ctx)
+    def build(self, ctx: Any) -> dict[str, nn.Module]:
+        modules = super().build(ctx)
         c = self.cfg
-        num_classes = self.recipe.model.num_classes or ctx.num_classes
         if c.method in ("mixup", "cutmix", "smmix"):
             from timm.data import Mixup
 
@@ -52,10 +48,14 @@ class MixMethod(Method):
                 switch_prob=0.0,
                 mode="batch",
                 label_smoothing=c.label_smoothing,
-                num_classes=num_classes,
+                num_classes=self.num_classes(ctx),
             )
+        return modules
+
+    def transform(self, modules: dict[str, nn.Module], ctx: Any) -> None:
         if not self.smmix:
-            return model
+            return
+        c, model = self.cfg, modules["model"]
         adapter = sm.TokenGridAdapter.for_model(model, self.recipe.model.name)
         img = self.recipe.data.img_size
         self.grid = adapter.grid_side(img)
@@ -71,30 +71,30 @@ class MixMethod(Method):
             f"region sides {self.sides[0]}..{self.sides[-1]}, "
             f"SMMix on {c.switch_prob:.0%} of batches, Mixup on the rest"
         )
-        self.num_classes = num_classes
-        return sm.SMMixModel(model, adapter, num_classes)
+        modules["model"] = sm.SMMixModel(model, adapter, self.num_classes(ctx))
 
-    def weights_target(self, model: nn.Module) -> nn.Module:
-        return model.backbone if isinstance(model, sm.SMMixModel) else model
+    @staticmethod
+    def backbone(module: nn.Module) -> nn.Module:
+        return module.backbone if isinstance(module, sm.SMMixModel) else module
 
-    def export(self, model: nn.Module, ctx: Any) -> dict[str, torch.Tensor]:
+    def export(self, modules: Any, ctx: Any) -> dict[str, torch.Tensor]:
         # the token head is a training-time device only: the exported model is the plain backbone
-        return dict(self.weights_target(model).state_dict())
+        return dict(self.backbone(modules.unwrap("model")).state_dict())
 
-    def training_step(self, model: nn.Module, batch: Any, ctx: Any) -> StepOutput:
+    def training_step(self, modules: Any, batch: Any, ctx: Any) -> StepOutput:
         x, y = batch
+        model = modules.model
         if self.mixer is None:
-            logits = model(x)
-            return StepOutput(nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing))
+            return super().training_step(modules, batch, ctx)
         if self.smmix and np.random.rand() < self.cfg.switch_prob:
-            return self._smmix_step(model, x, y, ctx)
+            return self._smmix_step(modules, x, y, ctx)
         x, soft = self.mixer(x, y)
         loss = sm.soft_ce(model(x), soft)
         return StepOutput(loss, {"smmix": torch.tensor(0.0)} if self.smmix else {})
 
-    def _smmix_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> StepOutput:
+    def _smmix_step(self, modules: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> StepOutput:
         c = self.cfg
-        net = ctx.accelerator.unwrap_model(model)
+        net = modules.unwrap("model")
         adapter = net.adapter
         # 1. motivating pass: the model under training, eval mode, no grad, fp32 (outside autocast)
         was_training = net.training
@@ -106,10 +106,11 @@ class MixMethod(Method):
         # 2-5. one side per batch, max-min window search, patch-aligned paste, area lambda
         r = self.sides[np.random.randint(len(self.sides))]
         mixed = sm.smmix_images(x, scores, self.grid, r)
-        own = sm.smooth_one_hot(y, self.num_classes, c.label_smoothing)
+        n_cls = self.num_classes(ctx)
+        own = sm.smooth_one_hot(y, n_cls, c.label_smoothing)
         target = mixed.lam * own + (1.0 - mixed.lam) * own.flip(0)
         # 6. class loss, fine-grained label assignment, feature consistency
-        logits, z_target, z_source = model(mixed.images, mixed.target_mask, mixed.source_mask)
+        logits, z_target, z_source = modules.model(mixed.images, mixed.target_mask, mixed.source_mask)
         l_cls = sm.soft_ce(logits, target)
         l_fine = 0.5 * (sm.soft_ce(z_target, own) + sm.soft_ce(z_source, own.flip(0)))
         l_con = sm.consistency_kl(logits, clean_logits, mixed.lam)
@@ -121,9 +122,9 @@ class MixMethod(Method):
                 mixed,
                 y,
                 c.save_mixed,
-                ctx.norm_mean,
-                ctx.norm_std,
-                getattr(self, "class_names", []),
+                self.norm_mean,
+                self.norm_std,
+                ctx.classes,
             )
             log(f"smmix: {c.save_mixed} mixed images with their regions -> {path}")
             self.saved_mixed = True

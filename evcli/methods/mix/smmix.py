@@ -138,6 +138,12 @@ class SMMixModel(nn.Module):
         self.adapter = adapter
         self.token_head = nn.Linear(backbone.num_features, num_classes)
 
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's no-decay parameters (position embeddings, class token), under their names here: SMMix
+        runs decay exactly what the none / Mixup / CutMix runs they are compared with decay."""
+        inner = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in inner}
+
     def forward(
         self, x: torch.Tensor, target_mask: torch.Tensor | None = None, source_mask: torch.Tensor | None = None
     ) -> Any:

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from evcli.durations import Duration
 from evcli.errors import RecipeError
-from evcli.recipe import Duration
 from evcli.registry import register_command
 
 # Which pattern each method trains: N:M (structured along input channels) or unstructured sparsity.

@@ -1,10 +1,11 @@
 """Layer targeting and the masked layers of the sparsify methods.
 
-A targeted ``nn.Conv2d`` / ``nn.Linear`` keeps its parameters and state-dict keys (so dense checkpoints
-load into it and exports load into a plain model); its class is swapped for a subclass whose forward
-uses ``site.masked_weight(weight)``. The *site* holds the method's tensors of that layer (LBC scores,
-OptG scores and mask, magnitude mask) outside the model: the method saves them in its state dict, and an
-EMA copy of the model shares them (a site is not copied by ``deepcopy``).
+A targeted ``nn.Conv2d`` / ``nn.Linear`` keeps its own parameters and keys; its class is swapped for a
+subclass whose forward uses ``site.masked_weight(weight)``. The *site* is a submodule of the layer,
+``<layer>.evcli_site``, holding the method's tensors of that layer (LBC scores, OptG scores and mask,
+magnitude mask): part of the model, so they move with it, are synchronised by its DDP wrapper and are saved
+in its checkpoints; an export drops them (masks folded in). An EMA copy of the model shares the live sites (a
+site is not copied by ``deepcopy``).
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def _classifier(model: nn.Module) -> nn.Module | None:
 def _supported(module: nn.Module) -> bool:
     """Only layers whose forward is the plain torch one can have the masked forward swapped in."""
     if isinstance(module, nn.Conv2d):
-        return type(module).forward is nn.Conv2d.forward or hasattr(module, "_evcli_site")
+        return type(module).forward is nn.Conv2d.forward or hasattr(module, "evcli_site")
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward or hasattr(module, "_evcli_site")
+        return type(module).forward is nn.Linear.forward or hasattr(module, "evcli_site")
     return False
 
 
@@ -117,11 +118,11 @@ def select_layers(
 
 
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return self._conv_forward(x, self._evcli_site.masked_weight(self.weight), self.bias)
+    return self._conv_forward(x, self.evcli_site.masked_weight(self.weight), self.bias)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, self._evcli_site.masked_weight(self.weight), self.bias)
+    return F.linear(x, self.evcli_site.masked_weight(self.weight), self.bias)
 
 
 _SWAPPED: dict[type, type] = {}
@@ -130,21 +131,26 @@ _SWAPPED: dict[type, type] = {}
 def attach(module: nn.Module, site: Site) -> None:
     """Make ``module`` compute with ``site.masked_weight(weight)``; its parameters and keys are unchanged."""
     base = type(module)
-    if hasattr(module, "_evcli_site"):
-        module._evcli_site = site
+    if hasattr(module, "evcli_site"):
+        module.evcli_site = site
         return
     if base not in _SWAPPED:
         forward = _conv_forward if isinstance(module, nn.Conv2d) else _linear_forward
         _SWAPPED[base] = type(f"Sparse{base.__name__}", (base,), {"forward": forward, "_evcli_base": base})
     module.__class__ = _SWAPPED[base]
-    module._evcli_site = site
+    module.evcli_site = site.to(module.weight.device)
 
 
 def detach(module: nn.Module) -> None:
     """Undo :func:`attach`: the module computes densely again."""
-    if hasattr(module, "_evcli_site"):
+    if hasattr(module, "evcli_site"):
         module.__class__ = module._evcli_base
-        del module._evcli_site
+        del module.evcli_site
+
+
+def is_site_key(key: str) -> bool:
+    """Whether a state-dict key belongs to a site (dropped from exports)."""
+    return ".evcli_site." in f".{key}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,12 +185,14 @@ class _SRSTEMasked(torch.autograd.Function):
         return grad + ctx.decay * (1.0 - mask) * weight, None, None, None
 
 
-class Site:
-    """The sparsity state of one layer (subclasses per method). Shared, never deep-copied."""
+class Site(nn.Module):
+    """The sparsity state of one layer (subclasses per method): a submodule of the layer. Shared, never
+    deep-copied."""
 
     kind = "base"
 
     def __init__(self, shape: torch.Size):
+        super().__init__()
         self.shape = torch.Size(shape)
 
     def __deepcopy__(self, memo: dict) -> Site:
@@ -197,25 +205,6 @@ class Site:
         """The 0/1 mask folded into the exported weight."""
         raise NotImplementedError
 
-    def parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Schedule state saved in the method's state dict."""
-        return {}
-
-    @torch.no_grad()
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            getattr(self, k).copy_(v)
-
-    def to(self, device: torch.device) -> None:
-        for k, v in list(vars(self).items()):
-            if isinstance(v, nn.Parameter):
-                setattr(self, k, nn.Parameter(v.data.to(device), requires_grad=v.requires_grad))
-            elif isinstance(v, torch.Tensor):
-                setattr(self, k, v.to(device))
-
 
 class LBCSite(Site):
     """LBC: scores α [G, C(M,N)] over the N-subsets of each group of M input-channel weights."""
@@ -225,7 +214,7 @@ class LBCSite(Site):
     def __init__(self, shape: torch.Size, n: int, m: int):
         super().__init__(shape)
         self.n, self.m = n, m
-        self.table = combination_table(n, m)  # Π [C, M]
+        self.register_buffer("table", combination_table(n, m), persistent=False)  # Π [C, M]
         combos = self.table.shape[0]
         groups = int(torch.Size(shape).numel()) // m
         # each weight lies in C(M-1, N-1) subsets: α = 1/C(M-1,N-1) makes every weight's summed score 1
@@ -278,12 +267,6 @@ class LBCSite(Site):
         groups = self.table.to(weight.device)[best]
         return from_groups(groups, weight.shape).to(weight.dtype)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [self.alpha]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"alpha": self.alpha.detach()}
-
 
 class OptGSite(Site):
     """OptG: a score per weight (init 0) and the mask fixed for the current epoch."""
@@ -293,7 +276,7 @@ class OptGSite(Site):
     def __init__(self, shape: torch.Size):
         super().__init__(shape)
         self.scores = nn.Parameter(torch.zeros(shape))
-        self.mask = torch.ones(shape)
+        self.register_buffer("mask", torch.ones(shape))
 
     def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
         # value = mask; d/dscores = weight * grad (the straight-through supermask gradient, kept and pruned)
@@ -303,12 +286,6 @@ class OptGSite(Site):
     def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
         return self.mask.to(weight.dtype)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [self.scores]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"scores": self.scores.detach(), "mask": self.mask}
-
 
 class MaskSite(Site):
     """Magnitude pruning: a fixed 0/1 mask (set at t_i, or refreshed along the ramp); pruned weights get no gradient."""
@@ -317,16 +294,13 @@ class MaskSite(Site):
 
     def __init__(self, shape: torch.Size):
         super().__init__(shape)
-        self.mask = torch.ones(shape)
+        self.register_buffer("mask", torch.ones(shape))
 
     def masked_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask.to(weight.dtype)
 
     def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
         return self.mask.to(weight.dtype)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"mask": self.mask}
 
 
 class SRSTESite(Site):

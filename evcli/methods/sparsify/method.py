@@ -13,7 +13,10 @@ and trains with label-smoothed cross-entropy. What differs is where the mask com
   no gradient.
 * **SR-STE**: top-N |W| mask every forward, dense straight-through gradient plus λ_W(1-m)⊙W.
 
-All schedule state (k, frozen flag, p_e, magnitude level, scores, masks) is in :meth:`state_dict`.
+The masked layers are swapped in by ``transform`` (after user weights load into the plain model); their
+scores and masks are submodules of the model (checkpointed and synchronised with it). The schedule state (k,
+frozen flag, p_e, magnitude level) is in :meth:`state_dict`. OptG's mask learning rate is a method-owned
+factor of its parameter group's schedule.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from evcli.console import is_main_process, log, warn
-from evcli.engine.method import Method, StepOutput
+from evcli.console import log, warn
+from evcli.engine.method import OptimizerSpec, StepOutput, decay_groups
 from evcli.errors import RecipeError, UsageError
+from evcli.methods.classifier import ClassifierMethod
 from evcli.methods.sparsify.layers import (
     LBCSite,
     MaskSite,
@@ -34,6 +38,7 @@ from evcli.methods.sparsify.layers import (
     SRSTESite,
     attach,
     global_threshold_masks,
+    is_site_key,
     magnitude_layer_mask,
     select_layers,
 )
@@ -47,12 +52,15 @@ from evcli.ops.nm import nm_mask, nm_violations
 from evcli.recipe import Recipe
 
 
-class SparsifyMethod(Method):
+class SparsifyMethod(ClassifierMethod):
     """Sparse training of a classifier with one of four mask rules (``sparsify.method``)."""
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
+        self.label_smoothing = self.cfg.label_smoothing
         self.kind: str = self.cfg.method
+        # LBC freezes its scores after t_f: DDP must then accept parameters without gradients
+        self.ddp_find_unused_parameters = self.kind == "lbc" and self.cfg.freeze_scores
         self.nm = self.cfg.pattern()
         self.sites: dict[str, Site] = {}
         self.layer_modules: dict[str, nn.Module] = {}  # the trained model's masked layers, by name
@@ -65,7 +73,6 @@ class SparsifyMethod(Method):
         self.mag_level = 0.0  # magnitude: fraction of the final pruning applied so far (0..1)
         self.layer_report: list[dict[str, Any]] = []
         self._step_started = -1
-        self._reported = False
 
     # --- building -----------------------------------------------------------------------------
 
@@ -74,10 +81,8 @@ class SparsifyMethod(Method):
             return "dense"
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.cfg.sparsity:g} unstructured"
 
-    def build(self, ctx: Any) -> nn.Module:
-        model = super().build(ctx)
-        self.attach_to(model)
-        return model
+    def transform(self, modules: dict[str, nn.Module], ctx: Any) -> None:
+        self.attach_to(modules["model"])
 
     def attach_to(self, model: nn.Module) -> None:
         """Choose the layers of ``model`` and swap in the masked forward with this method's sites."""
@@ -124,27 +129,12 @@ class SparsifyMethod(Method):
         """(name, module, site) of the masked layers of ``model`` (the trained model or its EMA copy)."""
         out = []
         for name, mod in model.named_modules():
-            site = getattr(mod, "_evcli_site", None)
-            if site is not None:
-                out.append((name.removeprefix("module."), mod, site))
+            site = getattr(mod, "evcli_site", None)
+            if isinstance(site, Site) and mod is not site:
+                out.append((name, mod, site))
         return out
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        groups = super().param_groups(model)
-        params = [p for site in self.sites.values() for p in site.parameters()]
-        if not params:
-            return groups
-        if self.kind == "optg":
-            # the supermask optimizer: its own group, no weight decay, lr set by the method every step
-            groups.append(
-                {"params": params, "weight_decay": 0.0, "lr": 0.0, "lr_schedule": "method", "evcli_role": "scores"}
-            )
-        else:
-            # LBC: α trained jointly with W by the same optimizer, with the weights' decay (the paper's code)
-            groups.append({"params": params, "weight_decay": self.recipe.optim.weight_decay, "evcli_role": "scores"})
-        return groups
-
-    def configure_optimizers(self, model: nn.Module, ctx: Any) -> list[torch.optim.Optimizer]:
+    def optimizers(self, modules: Any, ctx: Any) -> dict[str, OptimizerSpec]:
         t_i, t_f = self._t(ctx, self.cfg.t_i), self._t(ctx, self.cfg.t_f)
         if self.kind == "lbc" or (self.kind == "magnitude" and self.cfg.magnitude_schedule == "gradual"):
             if not t_f > t_i:
@@ -152,9 +142,28 @@ class SparsifyMethod(Method):
                     f"sparsify.t_f ({self.cfg.t_f} = epoch {t_f:g}) must come after sparsify.t_i "
                     f"({self.cfg.t_i} = epoch {t_i:g}) in this run of {ctx.total_steps} steps"
                 )
-        for site in self.sites.values():
-            site.to(ctx.device)
-        return super().configure_optimizers(model, ctx)
+        self._ctx = ctx
+        model = modules.unwrap("model")
+        site_params = [p for site in self.sites.values() for p in site.parameters()]
+        ids = {id(p) for p in site_params}
+        groups = [
+            {**g, "params": [p for p in g["params"] if id(p) not in ids]}
+            for g in decay_groups(model, self.recipe.optim.weight_decay)
+        ]
+        groups = [g for g in groups if g["params"]]
+        if site_params and self.kind == "optg":
+            # the supermask optimizer: its own group, no weight decay, lr = the weights' lr x the OptG factor
+            groups.append({"params": site_params, "weight_decay": 0.0, "lr_factor": self._optg_lr_factor})
+        elif site_params:
+            # LBC: α trained jointly with W by the same optimizer, with the weights' decay (the paper's code)
+            groups.append({"params": site_params, "weight_decay": self.recipe.optim.weight_decay})
+        return {"main": OptimizerSpec(groups)}
+
+    def _optg_lr_factor(self, step: int) -> float:
+        """OptG's mask lr over the weights' lr at ``step``: scale · σ(β(e - E/2))."""
+        ctx = self._ctx
+        e = step / ctx.steps_per_epoch if self.cfg.update_every == "step" else float(step // ctx.steps_per_epoch)
+        return self.cfg.mask_lr_scale * optg_mask_lr_factor(e, self._optg_span(ctx), self.cfg.beta)
 
     # --- the schedule clock ---------------------------------------------------------------------
 
@@ -252,7 +261,7 @@ class SparsifyMethod(Method):
         if self.cfg.update_every == "epoch":
             self.update_schedule(ctx)
 
-    def training_step(self, model: nn.Module, batch: Any, ctx: Any) -> StepOutput:
+    def training_step(self, modules: Any, batch: Any, ctx: Any) -> StepOutput:
         if ctx.micro_step == 0:
             # steps done before this one; after_optimizer_step derives "this step was the last" from it,
             # whichever way the engine counts ctx.step at that hook
@@ -261,9 +270,7 @@ class SparsifyMethod(Method):
                 self.update_schedule(ctx)
             with torch.no_grad():
                 self._rezero()  # LBC: before every forward, as momentum may have revived zeroed scores
-        x, y = batch
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        loss = super().training_step(modules, batch, ctx).loss
         logs: dict[str, torch.Tensor] = {}
         if self.kind == "lbc":
             logs["lbc_removed"] = torch.tensor(float(self.k))
@@ -273,27 +280,7 @@ class SparsifyMethod(Method):
             logs["magnitude_level"] = torch.tensor(self.mag_level)
         return StepOutput(loss, logs)
 
-    def after_backward(self, model: nn.Module, ctx: Any) -> None:
-        if ctx.world_size > 1:
-            # scores live outside the DDP-wrapped model: average their gradients over processes ourselves
-            import torch.distributed as dist
-
-            for site in self.sites.values():
-                for p in site.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= ctx.world_size
-        if self.kind == "optg":
-            e = ctx.step / ctx.steps_per_epoch if self.cfg.update_every == "step" else ctx.epoch
-            factor = self.cfg.mask_lr_scale * optg_mask_lr_factor(e, self._optg_span(ctx), self.cfg.beta)
-            for opt in ctx.optimizers:
-                groups = getattr(opt, "optimizer", opt).param_groups
-                weight_lr = next(g["lr"] for g in groups if g.get("evcli_role") != "scores")
-                for g in groups:
-                    if g.get("evcli_role") == "scores":
-                        g["lr"] = weight_lr * factor
-
-    def after_optimizer_step(self, model: nn.Module, ctx: Any) -> None:
+    def after_optimizer_step(self, modules: Any, ctx: Any) -> None:
         with torch.no_grad():
             self._rezero()  # keep evaluation and checkpoints on the scored combinations only
         if self._step_started + 1 == ctx.total_steps:
@@ -312,11 +299,12 @@ class SparsifyMethod(Method):
                 "combinations removed): the export keeps each group's best-scored combination"
             )
 
-    def evaluate(self, model: nn.Module, loader: Any, ctx: Any) -> dict[str, float]:
-        metrics = super().evaluate(model, loader, ctx)
+    def model_metrics(self, modules: Any, ctx: Any) -> dict[str, float]:
+        """Sparsity of the targeted layers as the evaluated model computes (and N:M exactness)."""
+        metrics: dict[str, float] = {}
         zeros = total = bad = 0
         with torch.no_grad():
-            for _, mod, site in self._modules(model):
+            for _, mod, site in self._modules(modules.unwrap("model")):
                 w = site.masked_weight(mod.weight)
                 zeros += int((w == 0).sum())
                 total += w.numel()
@@ -344,32 +332,35 @@ class SparsifyMethod(Method):
             return {name: mk for (name, _, _), mk in zip(mods, masks)}
         return {name: site.final_mask(mod.weight) for name, mod, site in mods}
 
-    def export(self, model: nn.Module, ctx: Any) -> dict[str, torch.Tensor]:
-        """Weights with the masks folded in; scores and masks are not part of the export."""
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        report = []
+    def _folded(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """The model's weights with the masks folded in (site tensors dropped), and one report row per layer."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if not is_site_key(k)}
+        rows = []
         for name, mask in self.final_masks(model).items():
             key = f"{name}.weight"
             w = state[key] * mask.to(state[key].device, state[key].dtype)
             state[key] = w
-            row = {
-                "layer": name,
-                "shape": list(w.shape),
-                "weights": w.numel(),
-                "nonzeros": int((w != 0).sum()),
-            }
+            row = {"layer": name, "shape": list(w.shape), "weights": w.numel(), "nonzeros": int((w != 0).sum())}
             row["sparsity"] = 1.0 - row["nonzeros"] / max(1, row["weights"])
             if self.nm:
                 row["nm_ok"] = nm_violations(w, *self.nm) == 0
-            report.append(row)
-        self.layer_report = report
-        run_dir = getattr(ctx, "run_dir", None)
-        if run_dir is not None and report and not self._reported and is_main_process():
-            from evcli.methods.sparsify.report import write_layer_report
+            rows.append(row)
+        return state, rows
 
-            write_layer_report(run_dir, report, title=f"{self.recipe.model.name} {self.kind} {self.pattern_text()}")
-            self._reported = True
-        return state
+    def export(self, modules: Any, ctx: Any) -> dict[str, torch.Tensor]:
+        """Weights with the masks folded in; scores and masks are not part of the export."""
+        return self._folded(modules.unwrap("model"))[0]
+
+    def artifacts(self, modules: Any, out_dir: Any, ctx: Any) -> dict[str, str]:
+        """sparsity.json and the per-layer chart sparsity.png of the final weights."""
+        rows = self._folded(modules.unwrap("model"))[1]
+        self.layer_report = rows
+        if not rows:
+            return {}
+        from evcli.methods.sparsify.report import write_layer_report
+
+        written = write_layer_report(out_dir, rows, title=f"{self.recipe.model.name} {self.kind} {self.pattern_text()}")
+        return {"sparsity_chart": written["chart"], "sparsity_table": written["layers"]}
 
     # --- state --------------------------------------------------------------------------------
 
@@ -380,7 +371,6 @@ class SparsifyMethod(Method):
             "frozen": self.frozen,
             "p_e": self.p_e,
             "mag_level": self.mag_level,
-            "sites": {name: site.tensors() for name, site in self.sites.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,12 +381,6 @@ class SparsifyMethod(Method):
         self.k = int(state["k"])
         self.p_e = float(state["p_e"])
         self.mag_level = float(state["mag_level"])
-        saved = state["sites"]
-        missing = sorted(set(self.sites) - set(saved))
-        if missing:
-            raise RecipeError(f"checkpoint has no sparsify state for layers {', '.join(missing[:4])}")
-        for name, site in self.sites.items():
-            site.load(saved[name])
         if state["frozen"] and not self.frozen:
             self.frozen = True
             self._freeze()

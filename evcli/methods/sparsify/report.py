@@ -242,9 +242,9 @@ def export_run(run: str | Path, which: str = "best", output: str | Path | None =
     Writes ``export-<which>.safetensors`` (or ``output``), ``export-<which>.packed.safetensors`` for N:M, and
     ``sparsity.png`` / ``sparsity.json`` next to the export (the run folder by default).
     """
-    from evcli.engine.run import run_export
+    from evcli import api
 
-    res = run_export("sparsify", Path(run), which, Path(output) if output else None)
+    res = api.export("sparsify", Path(run), which, Path(output) if output else None)
     weights = Path(res["weights"])
     meta = read_safetensors(weights, "weights file")[1]
     recipe = _recipe_of(meta)

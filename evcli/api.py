@@ -1,0 +1,240 @@
+"""The front door of evcli, shared by the CLI, the benches and Python users.
+
+    from evcli import api
+    recipe = api.resolve("sparsify", sets=["sparsify.nm=2:4", "schedule.epochs=2"])
+    report = api.train(recipe)                       # a run folder with checkpoints, final weights, report
+    report = api.evaluate(recipe, "runs/sparsify/<run>")
+    loaded = api.load("runs/sparsify/<run>")         # the run's modules, ready to call
+    logits = loaded.model(x)
+
+Every function takes a resolved :class:`~evcli.recipe.Recipe`; the method object comes from the command's
+registry entry unless one is passed (a method of your own, with a command registered for its recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evcli.console import log
+from evcli.errors import CheckpointError, UsageError
+from evcli.recipe import Recipe, explain_provenance, locked_changes, recipe_from_saved, resolve_recipe
+
+
+def resolve(
+    command: str,
+    recipe_file: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: Iterable[str] = (),
+) -> Recipe:
+    """The resolved recipe of ``command`` (defaults < file < flags < ``--set``)."""
+    return resolve_recipe(command, recipe_file=recipe_file, flags=flags, sets=list(sets))
+
+
+def method_for(recipe: Recipe) -> Any:
+    """The registered method object of the recipe's command."""
+    from evcli.registry import get_command
+
+    return get_command(recipe.command).load_method_class()(recipe)
+
+
+def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None) -> dict[str, Any]:
+    """Train ``recipe`` in its run folder (fresh, or resumed from a training checkpoint); returns the report.
+
+    The folder is created only once data, modules, weights and optimizers are built, so a mistake in any of
+    them leaves nothing behind.
+    """
+    from evcli.engine.run import check_run_dir, default_run_dir, write_run_files
+    from evcli.engine.trainer import Trainer
+
+    run_dir = Path(recipe.out.dir) if recipe.out.dir else default_run_dir(recipe)
+    recipe.out.dir = str(run_dir)
+    if resume_from is None:
+        check_run_dir(run_dir)
+    log(f"run folder: {run_dir}")
+    log(explain_provenance(recipe))
+    trainer = Trainer(recipe, method or method_for(recipe), run_dir, resume_from=resume_from)
+    return trainer.fit(on_ready=lambda: write_run_files(recipe, run_dir))
+
+
+def resume(
+    command: str,
+    run_dir: str | Path,
+    flags: dict[str, Any] | None = None,
+    sets: Iterable[str] = (),
+    force: bool = False,
+) -> tuple[Recipe, Path]:
+    """Recipe and checkpoint to continue ``run_dir``; refuses schedule-changing overrides without ``force``."""
+    from evcli.engine.run import load_run_recipe, resume_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt = resume_checkpoint(run_dir)
+    saved = load_run_recipe(run_dir)
+    if saved.command != command:
+        raise UsageError(f"{run_dir} is an 'evcli {saved.command}' run, not 'evcli {command}'")
+    recipe = resolve_recipe(command, flags=flags, sets=list(sets), base=saved.to_dict())
+    changed = locked_changes(saved, recipe)
+    if changed and not force:
+        raise UsageError(
+            f"--resume would change {', '.join(changed)}, which alters the resumed run",
+            hint="drop those overrides, or add --force to change them anyway",
+        )
+    recipe.out.dir = str(run_dir)
+    return recipe, ckpt
+
+
+@dataclass
+class Loaded:
+    """A run or weights file as ready modules (eval mode, on the device)."""
+
+    recipe: Recipe
+    method: Any
+    modules: Any  # evcli.engine.method.Modules
+    meta: dict[str, Any]
+    path: Path
+    trainer: Any
+
+    @property
+    def model(self) -> Any:
+        """The weights module (the network a user calls)."""
+        return self.modules.unwrap(self.method.weights_module)
+
+
+def _read(source: str | Path, what: str) -> tuple[Path, dict, dict]:
+    from evcli.engine.run import resolve_weights_source
+    from evcli.io.checkpoint import read_safetensors
+
+    path = resolve_weights_source(source)
+    tensors, meta = read_safetensors(path, what)
+    return path, tensors, meta
+
+
+def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool = True) -> None:
+    """Build the trainer's modules and put the file's weights in (a training checkpoint after transform, exactly;
+    plain weights into the weights module before transform)."""
+    from evcli.io.checkpoint import decode_state
+
+    trainer.ctx.classes = trainer.ctx.classes or list(meta.get("classes") or [])
+    trainer.build_modules()
+    if meta.get("kind") == "training":
+        trainer.transform()
+        trainer.load_modules_from(tensors, str(path))
+        trainer.method.load_state_dict(decode_state(meta["state"], tensors)["method"])
+        trainer.ctx.step = int(meta.get("step", 0))
+    else:
+        trainer.load_user_weights(tensors, str(path), strict=strict)
+        trainer.transform()
+    for module in trainer.trained.values():
+        module.to(trainer.accelerator.device).eval()
+
+
+def load(source: str | Path, recipe: Recipe | None = None, method: Any = None) -> Loaded:
+    """A run folder, training checkpoint or exported weights file as ready modules.
+
+    The file's own recipe (in its metadata) rebuilds the method unless ``recipe`` is given (needed for a file
+    evcli did not write).
+    """
+    from evcli.engine.trainer import Trainer
+
+    path, tensors, meta = _read(source, "weights file")
+    if recipe is None:
+        if "recipe" not in meta:
+            raise CheckpointError(f"{path} carries no evcli recipe; pass the recipe it was trained with")
+        recipe = recipe_from_saved(meta["recipe"])
+    trainer = Trainer(recipe, method or method_for(recipe), None)
+    _restore(trainer, tensors, meta, path, strict=recipe.model.weights_strict)
+    return Loaded(recipe, trainer.method, trainer.eval_modules(), meta, path, trainer)
+
+
+def plain_weights(source: str | Path, what: str) -> tuple[dict[str, Any], Path]:
+    """The plain weights a ``--weights`` / ``--init-from`` source stands for: a weights file as it is, a run
+    folder's final weights, or a training checkpoint exported through its own method first."""
+    path, tensors, meta = _read(source, what)
+    if meta.get("kind") != "training":
+        return tensors, path
+    loaded = load(path)
+    return loaded.method.export(loaded.modules, loaded.trainer.ctx), path
+
+
+def evaluation_recipe(
+    command: str, weights: str | Path | None, recipe_file: Path | None, flags: dict[str, Any], sets: Iterable[str]
+) -> Recipe:
+    """Recipe for evaluating ``weights``: the recipe the weights were trained with (from their run folder or
+    metadata) unless a recipe file is given, then the flags and --set on top."""
+    from evcli.engine.run import load_run_recipe, resolve_weights_source
+    from evcli.io.checkpoint import read_metadata
+
+    base = None
+    if recipe_file is None and weights is not None:
+        p = Path(weights).expanduser()
+        if p.is_dir() and ((p / "resolved_recipe.yaml").exists() or (p / "checkpoints").is_dir()):
+            base = load_run_recipe(p).to_dict()
+        else:
+            base = read_metadata(resolve_weights_source(p)).get("recipe")
+            if base is not None and base.get("command") != command:
+                raise UsageError(f"{weights} was made by 'evcli {base.get('command')}', not 'evcli {command}'")
+    recipe = resolve_recipe(command, recipe_file=recipe_file, flags=flags, sets=list(sets), base=base)
+    recipe.model.weights = recipe.model.init_from = None
+    return recipe
+
+
+def evaluate(
+    recipe: Recipe, weights: str | Path | None, method: Any = None, modules: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Evaluate a weights file, checkpoint or run folder on the recipe's val data (every val set), with the same
+    loop, sharding and metrics as training. ``modules`` (instead of weights) evaluates given modules, e.g. a
+    baseline with no parameters."""
+    from evcli.engine.trainer import Trainer
+
+    trainer = Trainer(recipe, method or method_for(recipe), None)
+    trainer.build_data()
+    if modules is not None:
+        trainer.trained = {k: v.to(trainer.accelerator.device) for k, v in modules.items()}
+        shown = "none (baseline)"
+    else:
+        if weights is None:
+            raise UsageError("give weights to evaluate (a .safetensors file or a run folder)")
+        path, tensors, meta = _read(weights, "weights file")
+        _restore(trainer, tensors, meta, path, strict=recipe.model.weights_strict)
+        shown = str(path)
+    trainer.val_loaders = trainer.make_val_loaders()
+    metrics = trainer._evaluate_all(trainer.eval_modules())
+    return {
+        "command": recipe.command,
+        "method": getattr(recipe.method, "method", recipe.command),
+        "model": recipe.model.name,
+        "weights": shown,
+        "data": trainer.data.description,
+        "metrics": metrics,
+    }
+
+
+def export(command: str, run: str | Path, which: str = "best", output: str | Path | None = None) -> dict[str, Any]:
+    """Export a run's best/last checkpoint through the method's export as plain weights."""
+    from evcli.io.checkpoint import read_metadata, save_weights
+
+    if which not in ("best", "last"):
+        raise UsageError(f"--which must be 'best' or 'last', got {which!r}")
+    run = Path(run).expanduser()
+    if run.is_dir():
+        ckpt = run / "checkpoints" / f"{which}.safetensors"
+        if not ckpt.exists() and which == "best":
+            ckpt = run / "checkpoints" / "last.safetensors"
+        if not ckpt.exists():
+            raise CheckpointError(f"no checkpoint in {run}/checkpoints to export")
+    else:
+        ckpt = run
+    meta = read_metadata(ckpt)
+    if meta.get("kind") != "training":
+        raise CheckpointError(f"{ckpt} is not an evcli training checkpoint")
+    if meta.get("command") != command:
+        raise UsageError(f"{ckpt} is an 'evcli {meta.get('command')}' checkpoint, not 'evcli {command}'")
+    out = Path(output) if output else (run if run.is_dir() else run.parent) / f"export-{which}.safetensors"
+    loaded = load(ckpt)
+    ctx = loaded.trainer.ctx
+    exported = loaded.method.export(loaded.modules, ctx)
+    out_meta = {**loaded.trainer.checkpoint_meta(), "metrics": meta.get("best", {})}
+    path = save_weights(out, exported, out_meta)
+    return {"checkpoint": str(ckpt), "step": ctx.step, "weights": str(path), "tensors": len(exported)}
