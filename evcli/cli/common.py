@@ -115,6 +115,37 @@ COMMON_TRAIN_FLAGS: list[Flag] = [
 ]
 
 
+def classifier_flags(default_model: str) -> list[Flag]:
+    """The flags of the image-classifier subcommands (timm model, input size, ImageFolder data, corrupt files)."""
+    return [
+        Flag("model", str, flag("--model", help=f"timm model name (default: {default_model})."), "model.name"),
+        Flag(
+            "img_size",
+            int,
+            flag("--img-size", help="Input size in pixels (default: 224; 32 on the built-in data)."),
+            "data.img_size",
+        ),
+        Flag(
+            "patch_size",
+            int,
+            flag("--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px)."),
+            "model.patch_size",
+        ),
+        Flag(
+            "data",
+            Path,
+            flag("--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in digits)."),
+            "data.path",
+        ),
+        Flag(
+            "skip_corrupt",
+            bool,
+            flag("--skip-corrupt", help="Skip unreadable images with a warning."),
+            "data.skip_corrupt",
+        ),
+    ]
+
+
 def recipe_flags(typed: dict[str, Any]) -> dict[str, Any]:
     """Recipe keys of the flags the user typed: ``recipe_flags({"optim.lr": lr, ...})`` minus the Nones,
     with enums and paths turned into plain values."""

@@ -14,6 +14,7 @@ from evcli.cli.common import (
     RecipeOption,
     SetOption,
     classifier_eval_rows,
+    classifier_flags,
     evaluate_weights,
     export_command,
     flag,
@@ -99,28 +100,7 @@ OWN_FLAGS = [
         ),
         "mix.method",
     ),
-    Flag("model", str, flag("--model", help="timm model name (default: deit_tiny_patch16_224)."), "model.name"),
-    Flag(
-        "img_size",
-        int,
-        flag("--img-size", help="Input size in pixels (default: 224; 32 on the built-in data)."),
-        "data.img_size",
-    ),
-    Flag(
-        "patch_size",
-        int,
-        flag("--patch-size", help="ViT patch size (default: the model's; 8x8 grid below 64 px)."),
-        "model.patch_size",
-    ),
-    Flag(
-        "data",
-        Path,
-        flag("--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in digits)."),
-        "data.path",
-    ),
-    Flag(
-        "skip_corrupt", bool, flag("--skip-corrupt", help="Skip unreadable images with a warning."), "data.skip_corrupt"
-    ),
+    *classifier_flags("deit_tiny_patch16_224"),
     Flag(
         "save_mixed",
         int,
