@@ -55,7 +55,14 @@ def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None) -
         check_run_dir(run_dir)
     log(f"run folder: {run_dir}")
     log(explain_provenance(recipe))
-    trainer = Trainer(recipe, method or method_for(recipe), run_dir, resume_from=resume_from)
+    initial = []
+    if resume_from is None:
+        m = recipe.model
+        for source, what in ((m.init_from, "init-from"), (m.weights, "weights file")):
+            if source:
+                state, path = plain_weights(source, what)
+                initial.append((state, str(path)))
+    trainer = Trainer(recipe, method or method_for(recipe), run_dir, resume_from=resume_from, initial_weights=initial)
     return trainer.fit(on_ready=lambda: write_run_files(recipe, run_dir))
 
 

@@ -162,13 +162,23 @@ class Trainer:
         method: the method object.
         run_dir: the run folder (written by rank 0); None for evaluation only.
         resume_from: a training checkpoint to continue from exactly.
+        initial_weights: plain weights (state, source) loaded into the weights module of a fresh run before
+            ``transform`` (``--init-from``, then ``--weights``; ``evcli.api`` reads them).
     """
 
-    def __init__(self, recipe: Recipe, method: Method, run_dir: Path | None, resume_from: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        method: Method,
+        run_dir: Path | None,
+        resume_from: Path | None = None,
+        initial_weights: list[tuple[dict[str, torch.Tensor], str]] | None = None,
+    ):
         self.recipe = recipe
         self.method = method
         self.run_dir = run_dir
         self.resume_from = resume_from
+        self.initial_weights = initial_weights or []
         self.accelerator = make_accelerator(
             recipe, find_unused_parameters=method.ddp_find_unused_parameters, project_dir=run_dir
         )
@@ -219,9 +229,7 @@ class Trainer:
                 self.trained[name] = item
             else:
                 raise MethodContractError(f"build returned {type(item).__name__} for '{name}', not a module")
-        if self.method.weights_module not in self.trained and (
-            self.recipe.model.weights or self.recipe.model.init_from
-        ):
+        if self.method.weights_module not in self.trained and self.initial_weights:
             raise MethodContractError(f"the method has no trained module '{self.method.weights_module}' for weights")
 
     def load_user_weights(self, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
@@ -232,15 +240,6 @@ class Trainer:
         log(f"weights: loaded {source}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
         if skipped:
             warn("keys not loaded: " + ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
-
-    def _initial_weights(self) -> None:
-        from evcli.api import plain_weights
-
-        m = self.recipe.model
-        for source, what in ((m.init_from, "init-from"), (m.weights, "weights file")):
-            if source:
-                state, path = plain_weights(source, what)
-                self.load_user_weights(state, str(path), strict=m.weights_strict)
 
     def transform(self) -> None:
         modules = dict(self.trained)
@@ -287,7 +286,8 @@ class Trainer:
         ctx.base_lr = self._scaled_lr(r.optim.lr, r.optim.lr_base_batch)
         self.build_modules()
         if self.resume_from is None:
-            self._initial_weights()
+            for state, source in self.initial_weights:
+                self.load_user_weights(state, source, strict=r.model.weights_strict)
         self.transform()
         for module in self.trained.values():
             module.to(acc.device)
