@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evcli.console import log
 from evcli.errors import CheckpointError, UsageError
-from evcli.recipe import Recipe, explain_provenance, locked_changes, recipe_from_saved, resolve_recipe
+from evcli.recipe import Recipe, locked_changes, recipe_from_saved, resolve_recipe
 
 
 def resolve(
@@ -40,21 +39,16 @@ def method_for(recipe: Recipe) -> Any:
     return get_command(recipe.command).load_method_class()(recipe)
 
 
-def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None, restart: bool = False) -> dict[str, Any]:
     """Train ``recipe`` in its run folder (fresh, or resumed from a training checkpoint); returns the report.
 
-    The folder is created only once data, modules, weights and optimizers are built, so a mistake in any of
-    them leaves nothing behind.
+    A fresh run claims a new or empty folder (``out.dir``, else ``runs/<command>/<time>-<model>-<method>``,
+    suffixed when taken); ``restart`` starts over in a folder whose earlier run never checkpointed. Nothing is
+    left behind when data, modules, weights or optimizers cannot be built.
     """
-    from evcli.engine.run import check_run_dir, default_run_dir, write_run_files
+    from evcli.engine.run import write_run_files
     from evcli.engine.trainer import Trainer
 
-    run_dir = Path(recipe.out.dir) if recipe.out.dir else default_run_dir(recipe)
-    recipe.out.dir = str(run_dir)
-    if resume_from is None:
-        check_run_dir(run_dir)
-    log(f"run folder: {run_dir}")
-    log(explain_provenance(recipe))
     initial = []
     if resume_from is None:
         m = recipe.model
@@ -62,8 +56,17 @@ def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None) -
             if source:
                 state, path = plain_weights(source, what)
                 initial.append((state, str(path)))
-    trainer = Trainer(recipe, method or method_for(recipe), run_dir, resume_from=resume_from, initial_weights=initial)
-    return trainer.fit(on_ready=lambda: write_run_files(recipe, run_dir))
+    explicit = recipe.out.dir is not None
+    trainer = Trainer(
+        recipe,
+        method or method_for(recipe),
+        Path(recipe.out.dir) if explicit else None,
+        resume_from=resume_from,
+        initial_weights=initial,
+        explicit_dir=explicit,
+        restart=restart,
+    )
+    return trainer.fit(on_ready=lambda: write_run_files(recipe, trainer.run_dir))
 
 
 def resume(
@@ -204,6 +207,12 @@ def evaluate(
         if weights is None:
             raise UsageError("give weights to evaluate (a .safetensors file or a run folder)")
         path, tensors, meta = _read(weights, "weights file")
+        saved, found = list(meta.get("classes") or []), list(trainer.ctx.classes)
+        if saved and found and saved != found:
+            raise UsageError(
+                f"the data's classes ({_few(found)}) are not the classes {path} was trained on ({_few(saved)})",
+                hint="evaluate on data with the same class folders (their names decide the label order)",
+            )
         _restore(trainer, tensors, meta, path, strict=recipe.model.weights_strict)
         shown = str(path)
     trainer.val_loaders = trainer.make_val_loaders()
@@ -218,8 +227,28 @@ def evaluate(
     }
 
 
-def export(command: str, run: str | Path, which: str = "best", output: str | Path | None = None) -> dict[str, Any]:
-    """Export a run's best/last checkpoint through the method's export as plain weights."""
+def check_new_file(path: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> Path:
+    """An output path that replaces no existing file (unless ``overwrite``) and never one of ``inputs``."""
+    p = Path(path)
+    for source in inputs:
+        if Path(source).exists() and p.exists() and p.resolve() == Path(source).resolve():
+            raise UsageError(f"the output {p} is one of the inputs; evcli never writes over its input")
+    if p.exists() and not overwrite:
+        raise UsageError(f"{p} already exists", hint="choose another output, or add --overwrite to replace it")
+    if p.is_dir():
+        raise UsageError(f"the output {p} is a folder, expected a file name")
+    return p
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
+def export(
+    command: str, run: str | Path, which: str = "best", output: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Export a run's best/last checkpoint through the method's export as plain weights (an existing file is
+    replaced only with ``overwrite``, never a checkpoint of the run)."""
     from evcli.io.checkpoint import read_metadata, save_weights
 
     if which not in ("best", "last"):
@@ -239,9 +268,39 @@ def export(command: str, run: str | Path, which: str = "best", output: str | Pat
     if meta.get("command") != command:
         raise UsageError(f"{ckpt} is an 'evcli {meta.get('command')}' checkpoint, not 'evcli {command}'")
     out = Path(output) if output else (run if run.is_dir() else run.parent) / f"export-{which}.safetensors"
+    folder = run if run.is_dir() else ckpt.parent.parent
+    protected = [ckpt, *(folder / "checkpoints").glob("*.safetensors")]
+    check_new_file(out, overwrite, inputs=protected)
     loaded = load(ckpt)
     ctx = loaded.trainer.ctx
     exported = loaded.method.export(loaded.modules, ctx)
-    out_meta = {**loaded.trainer.checkpoint_meta(), "metrics": meta.get("best", {})}
+    live = loaded.method.model_metrics(loaded.modules, ctx)
+    metrics, note = measure_weights(loaded.recipe, exported, list(ctx.classes))
+    out_meta = {**loaded.trainer.checkpoint_meta(), "metrics": metrics, "metrics_note": note}
     path = save_weights(out, exported, out_meta)
-    return {"checkpoint": str(ckpt), "step": ctx.step, "weights": str(path), "tensors": len(exported)}
+    return {
+        "checkpoint": str(ckpt),
+        "step": ctx.step,
+        "weights": str(path),
+        "tensors": len(exported),
+        "metrics": metrics,
+        "metrics_note": note,
+        "checkpoint_model_metrics": live,
+    }
+
+
+def measure_weights(recipe: Recipe, state: dict[str, Any], classes: list[str]) -> tuple[dict[str, float], str]:
+    """Metrics of plain (exported) weights on the recipe's val data, as ``evaluate`` computes them, and a note
+    saying what they measured; no metrics when the data cannot be read here."""
+    from evcli.engine.trainer import Trainer
+    from evcli.errors import DataError
+
+    trainer = Trainer(recipe, method_for(recipe), None)
+    try:
+        trainer.build_data()
+    except DataError as exc:
+        return {}, f"not measured: the run's val data cannot be read here ({exc.message})"
+    _restore(trainer, state, {"kind": "weights", "classes": classes}, Path("the export"), strict=True)
+    trainer.val_loaders = trainer.make_val_loaders()
+    metrics = trainer._evaluate_all(trainer.eval_modules())
+    return metrics, f"measured on the exported weights: {trainer.data.description}"

@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_HARDWARE = 4
 EXIT_INTERRUPTED = 130
+EXIT_PREEMPTED = 143  # SIGTERM / SIGUSR1 (a scheduler's preemption): checkpoint saved, requeue with --resume
 
 
 class EvcliError(Exception):
@@ -74,3 +75,9 @@ class Interrupted(EvcliError):
     """The run was interrupted (Ctrl-C / SIGINT); state was saved where possible."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class Preempted(EvcliError):
+    """A scheduler asked the run to stop (SIGTERM / SIGUSR1); a checkpoint was saved at the step boundary."""
+
+    exit_code = EXIT_PREEMPTED

@@ -10,6 +10,12 @@ method's own keys (``mix:``, ``sparsify:``...). Unknown keys are errors with a d
 type-checked (a string is never silently taken for a number), and phase lengths take relative units
 (``"10%"``, ``"5ep"``, ``"200step"``) so that ``--epochs`` rescales the whole schedule.
 
+Validation happens here, in one place, whichever layer a value came from: every float must be finite, every
+integer must fit in 64 bits, a duration in percent must be at most 100%, and each schema dataclass lists the
+range of its keys in a ``LIMITS`` table (``{"weight_decay": ">= 0", "ema_decay": "(0, 1)"}``, a list key's
+items each) that :func:`build_section` enforces. Checks across keys live in :func:`validate_recipe` and in
+each method config's ``validate``.
+
 This module must stay free of torch imports: ``evcli --help`` and shell completion load it.
 """
 
@@ -18,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomllib
 
@@ -32,6 +39,14 @@ from evcli.yamlio import dump_yaml, load_yaml, parse_scalar
 
 SCHEMA_VERSION = 1
 BUILTIN_IMG_SIZE = 32  # default input size on the built-in data (its images are 8x8)
+
+# Sanity ceilings: integers end up in int64 tensors (step counters, seeds), and a run of more epochs or steps
+# than these is a typo, not a plan.
+MAX_INT = 2**63 - 1
+MAX_EPOCHS = 10**6
+MAX_STEPS = 10**12
+MAX_BATCH = 2**20
+MAX_IMG_SIZE = 2**16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,6 +66,13 @@ class ModelConfig:
     weights: str | None = None  # local .safetensors file with pretrained weights
     weights_strict: bool = True  # false: load matching keys only and list the rest
     init_from: str | None = None  # run folder or checkpoint whose weights start this run
+
+    LIMITS: ClassVar[dict[str, str]] = {
+        "patch_size": f">= 1, <= {MAX_IMG_SIZE}",
+        "num_classes": ">= 1",
+        "drop_rate": "[0, 1)",
+        "drop_path": "[0, 1)",
+    }
 
 
 @dataclass
@@ -74,6 +96,19 @@ class DataConfig:
     mean: list[float] | None = None  # default: the model's pretrained-config normalisation
     std: list[float] | None = None
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": f">= 1, <= {MAX_IMG_SIZE}",
+        "batch_size": f">= 1, <= {MAX_BATCH}",
+        "eval_batch_size": f">= 1, <= {MAX_BATCH}",
+        "workers": ">= 0, <= 1024",
+        "scale": "(0, 1]",
+        "hflip": "[0, 1]",
+        "color_jitter": ">= 0",
+        "re_prob": "[0, 1]",
+        "crop_pct": "(0, 1]",
+        "std": "> 0",
+    }
+
 
 @dataclass
 class OptimConfig:
@@ -92,6 +127,16 @@ class OptimConfig:
     # `optim` or `schedule`, over this section and `schedule`; a name the method does not define is an error
     overrides: dict = field(default_factory=dict)
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "lr": "> 0",
+        "lr_base_batch": f">= 1, <= {MAX_BATCH}",
+        "weight_decay": ">= 0",
+        "momentum": "[0, 1)",
+        "betas": "[0, 1)",
+        "eps": "> 0",
+        "clip_grad": "> 0",
+    }
+
 
 @dataclass
 class ScheduleConfig:
@@ -106,6 +151,14 @@ class ScheduleConfig:
     milestones: list[Duration] = field(default_factory=list)  # step schedule: lr *= gamma at each
     gamma: float = 0.1
     decay_start: Duration = Duration("0step")  # linear schedule: lr constant until here, then linearly to 0
+
+    LIMITS: ClassVar[dict[str, str]] = {
+        "epochs": f">= 1, <= {MAX_EPOCHS}",
+        "max_steps": f">= 1, <= {MAX_STEPS}",
+        "warmup_lr": ">= 0",
+        "min_lr": ">= 0",
+        "gamma": "> 0",
+    }
 
 
 @dataclass
@@ -125,6 +178,13 @@ class TrainConfig:
     best_mode: Literal["max", "min"] = "max"  # whether higher or lower best_metric is better
     cpu: bool = False  # force CPU even when CUDA is available
     log_with: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ...
+
+    LIMITS: ClassVar[dict[str, str]] = {
+        "seed": f">= 0, <= {MAX_INT}",
+        "grad_accum": f">= 1, <= {MAX_BATCH}",
+        "ema_decay": "(0, 1)",
+        "log_every": ">= 1",
+    }
 
 
 @dataclass
@@ -243,6 +303,72 @@ def did_you_mean(word: str, choices: typing.Iterable[str], prefix: str = "") -> 
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
+def _show(value: Any) -> str:
+    """A value as a user typed it: ``-1`` for -1.0, ``'200%'`` for a duration."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    if isinstance(value, str):
+        return repr(str(value))
+    return str(value)
+
+
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_CONDITION_RE = re.compile(rf"^(>=|>|<=|<)\s*({_NUMBER})$")
+_INTERVAL_RE = re.compile(rf"^([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])$")
+
+
+def _number(text: str) -> int | float:
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+
+
+def parse_limit(spec: str) -> list[tuple[str, int | float]]:
+    """The conditions of a ``LIMITS`` entry: ``">= 1, <= 100"`` or an interval ``"[0, 1)"``.
+
+    Raises:
+        ValueError: a malformed entry (a schema bug, not user input).
+    """
+    text = spec.strip()
+    m = _INTERVAL_RE.match(text)
+    if m:
+        return [(">=" if m[1] == "[" else ">", _number(m[2])), ("<=" if m[4] == "]" else "<", _number(m[3]))]
+    conditions = []
+    for part in text.split(","):
+        c = _CONDITION_RE.match(part.strip())
+        if not c:
+            raise ValueError(f"bad limit {spec!r}: use e.g. '>= 0', '>= 1, <= 100' or '[0, 1)'")
+        conditions.append((c[1], _number(c[2])))
+    return conditions
+
+
+_COMPARE = {
+    ">=": lambda v, b: v >= b,
+    ">": lambda v, b: v > b,
+    "<=": lambda v, b: v <= b,
+    "<": lambda v, b: v < b,
+}
+
+
+def check_limit(value: Any, spec: str, key: str) -> None:
+    """Refuse a value outside its ``LIMITS`` entry: a number, a duration's amount, or each item of a list.
+
+    Raises:
+        RecipeError: ``recipe key 'optim.weight_decay' must be >= 0, got -1``.
+    """
+    if value is None:
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_limit(item, spec, f"{key}[{i}]")
+        return
+    amount = parse_duration(value)[0] if isinstance(value, Duration) else value
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"LIMITS entry for non-numeric key {key}")  # schema bug, not user input
+    for op, bound in parse_limit(spec):
+        if not _COMPARE[op](amount, bound):
+            wanted = f"in {spec.strip()}" if spec.strip()[0] in "[(" else f"{op} {bound}"
+            raise RecipeError(f"recipe key '{key}' must be {wanted}, got {_show(value)}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -282,10 +408,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Duration:
         if isinstance(value, str):
             try:
-                parse_duration(value)
+                amount, unit = parse_duration(value)
             except ValueError:
                 pass
             else:
+                cap = {"%": 100, "ep": MAX_EPOCHS, "step": MAX_STEPS}[unit]
+                if amount > cap:
+                    raise RecipeError(f"recipe key '{key}' must be at most {cap}{unit}, got {value.strip()!r}")
                 return Duration(value.strip())
         raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
     if tp is bool:
@@ -293,12 +422,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -MAX_INT - 1 <= value <= MAX_INT:
+                raise RecipeError(f"recipe key '{key}' is out of range (a 64-bit integer), got {value}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and math.isnan(value):
-                raise RecipeError(f"recipe key '{key}': NaN is not a valid value")
-            return float(value)
+            number = float(value) if isinstance(value, float) or abs(value) <= MAX_INT else math.inf
+            if not math.isfinite(number):
+                raise RecipeError(f"recipe key '{key}' must be a finite number, got {_show(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -327,7 +459,10 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
                 hint=f"valid keys in '{prefix}': {', '.join(fields_)}",
             )
     kwargs = {k: _coerce(v, fields_[k], f"{prefix}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    for name, spec in getattr(cls, "LIMITS", {}).items():
+        check_limit(getattr(section, name), spec, f"{prefix}.{name}")
+    return section
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,7 +522,16 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_bytes()
+        if b"\0" in raw:
+            raise ValueError("a binary file, not YAML or TOML text")
+        text = raw.decode("utf-8")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise RecipeError(
+            f"cannot read recipe {p}: {reason}", hint="a recipe is a .yaml or .toml text file (UTF-8)"
+        ) from exc
     try:
         data = tomllib.loads(text) if p.suffix.lower() == ".toml" else load_yaml(text)
     except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError
@@ -485,39 +629,34 @@ def resolve_recipe(
     try:
         sections = {name: build_section(sections_map[name], merged.get(name), name) for name in COMMON_SECTIONS}
         method = build_section(spec.config, merged.get(command), command)
+        recipe = Recipe(command=command, method=method, provenance=provenance, **sections)
+        if getattr(recipe.data, "img_size", 0) is None:
+            recipe.data.img_size = BUILTIN_IMG_SIZE if recipe.data.path is None else 224
+        if getattr(recipe.data, "path", None) and not Path(recipe.data.path).expanduser().is_absolute():
+            # stored absolute: eval and resume from another directory read the same data
+            recipe.data.path = str(Path(recipe.data.path).expanduser().absolute())
+        validate_recipe(recipe)
     except RecipeError as exc:
-        key = exc.message.split("'")[1] if "'" in exc.message else ""
+        key = exc.message.split("'")[1].split("[")[0] if "'" in exc.message else ""
         source = provenance.get(key)
         if source and source != "command defaults":
             exc.message += f" [from {source}]"
             exc.args = (exc.message,)
         raise
-    recipe = Recipe(command=command, method=method, provenance=provenance, **sections)
-    if getattr(recipe.data, "img_size", 0) is None:
-        recipe.data.img_size = BUILTIN_IMG_SIZE if recipe.data.path is None else 224
-    validate_recipe(recipe)
     return recipe
 
 
 def validate_recipe(recipe: Recipe) -> None:
-    """Checks across keys that types alone cannot express."""
-    if recipe.data.batch_size < 1:
-        raise RecipeError("recipe key 'data.batch_size' must be >= 1")
-    if getattr(recipe.data, "img_size", 1) < 1:
-        raise RecipeError("recipe key 'data.img_size' must be >= 1")
-    if recipe.schedule.epochs < 1:
-        raise RecipeError("recipe key 'schedule.epochs' must be >= 1")
-    if recipe.schedule.max_steps is not None and recipe.schedule.max_steps < 1:
-        raise RecipeError("recipe key 'schedule.max_steps' must be >= 1")
-    if recipe.train.grad_accum < 1:
-        raise RecipeError("recipe key 'train.grad_accum' must be >= 1")
-    if recipe.optim.lr <= 0:
-        raise RecipeError("recipe key 'optim.lr' must be > 0")
-    if recipe.data.workers < 0:
-        raise RecipeError("recipe key 'data.workers' must be >= 0")
+    """Checks across keys that types and the per-key ``LIMITS`` alone cannot express."""
     scale = getattr(recipe.data, "scale", [0.5, 1.0])
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise RecipeError("recipe key 'data.scale' must be [min, max] with 0 < min <= max <= 1")
+        raise RecipeError(f"recipe key 'data.scale' must be [min, max] with 0 < min <= max <= 1, got {scale}")
+    for key in ("mean", "std"):
+        stats = getattr(recipe.data, key, None)
+        if stats is not None and len(stats) not in (1, 3):
+            raise RecipeError(f"recipe key 'data.{key}' must be one number per channel ([r, g, b]), got {stats}")
+    if len(recipe.optim.betas) != 2:
+        raise RecipeError(f"recipe key 'optim.betas' must be two numbers [beta1, beta2], got {recipe.optim.betas}")
     check = getattr(recipe.method, "validate", None)
     if check is not None:
         check(recipe)

@@ -2,7 +2,8 @@
 
 PyYAML's ``safe_load`` follows YAML 1.1: ``1e-4`` becomes a *string*, ``2:4`` becomes the integer 124
 (base-60) and ``no``/``on`` become booleans. :func:`load_yaml` uses YAML 1.2 core-schema scalars:
-``1e-4`` is a float, ``2:4`` stays a string, and only ``true``/``false`` are booleans.
+``1e-4`` is a float, ``2:4`` stays a string, and only ``true``/``false`` are booleans. A key given twice in
+one mapping is an error naming both lines (PyYAML silently keeps the last one).
 """
 
 from __future__ import annotations
@@ -13,8 +14,33 @@ from typing import Any
 import yaml
 
 
+class YamlSyntaxError(yaml.YAMLError):
+    """Text that is not valid YAML, described in one line with its position."""
+
+
+class DuplicateKeyError(YamlSyntaxError):
+    """A mapping that gives the same key twice."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema implicit resolvers for bool, int and float."""
+    """SafeLoader with YAML 1.2 core-schema implicit resolvers for bool, int and float, refusing duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # Only the mapping's own keys: a key that overrides one merged in with `<<: *anchor` is not a duplicate.
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first given at line {first_line[key]})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _StrictLoader.yaml_implicit_resolvers = {
@@ -52,6 +78,8 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
     text = str(loader.construct_scalar(node)).lower()
     if text.endswith(".inf"):
         return float("-inf") if text.startswith("-") else float("inf")
+    if text == ".nan":
+        return float("nan")
     return float(text)
 
 
@@ -59,9 +87,28 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
+def _one_line(exc: Exception) -> str:
+    """PyYAML's multi-line message as ``problem (line L, column C)``."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"{exc.problem}{where}"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_yaml(text: str) -> Any:
-    """Parse YAML text with YAML 1.2 core-schema scalars."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    """Parse YAML text with YAML 1.2 core-schema scalars.
+
+    Raises:
+        YamlSyntaxError: invalid YAML or a duplicate key, in one line naming the position.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except YamlSyntaxError:
+        raise
+    except (yaml.YAMLError, ValueError) as exc:
+        raise YamlSyntaxError(_one_line(exc)) from exc
 
 
 def parse_scalar(text: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from evcli.console import emit_json, out_console, set_quiet
-from evcli.errors import RecipeError
+from evcli.errors import RecipeError, UsageError
 
 RecipeOption = typer.Option(
     None,
@@ -32,6 +32,7 @@ SetOption = typer.Option(
 )
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace output files that already exist.")
 
 
 def flag(*names: str, help: str) -> Any:
@@ -105,7 +106,15 @@ COMMON_TRAIN_FLAGS: list[Flag] = [
         flag("--out", "-o", help="Run folder (default: runs/<command>/<time>-<model>-<method>)."),
         "out.dir",
     ),
-    Flag("resume", Path, flag("--resume", help="Continue the run in this folder exactly where it stopped.")),
+    Flag(
+        "resume",
+        Path,
+        flag(
+            "--resume",
+            help="Continue the run in this folder exactly where it stopped; auto (with --out): resume if it has a "
+            "checkpoint, else start there.",
+        ),
+    ),
     Flag(
         "force", bool, typer.Option(False, "--force", help="With --resume: allow overrides that change the schedule.")
     ),
@@ -226,6 +235,7 @@ def export_command(command: str) -> Callable[..., Any]:
             None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
         ),
         which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+        overwrite: bool = OverwriteOption,
         json_out: bool = JsonOption,
         quiet: bool = QuietOption,
     ) -> None:
@@ -233,27 +243,54 @@ def export_command(command: str) -> Callable[..., Any]:
         setup_output(quiet)
         from evcli import api
 
-        report = api.export(command, run, which, output)
+        report = api.export(command, run, which, output, overwrite=overwrite)
         rows = [
             ("from", report["checkpoint"]),
             ("step", str(report["step"])),
             ("weights", report["weights"]),
             ("tensors", str(report["tensors"])),
+            *export_metric_rows(report),
         ]
         print_result(report, json_out, f"evcli {command} export", rows)
 
     return export
 
 
+def export_metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The export's own val metrics (measured on the exported weights), or why there are none."""
+    m = report.get("metrics") or {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float)) or "-"
+    return [("val metrics of the export", shown), ("", report.get("metrics_note", ""))]
+
+
 def train_or_resume(
     command: str, recipe: str | None, resume: Path | None, force: bool, flags: dict[str, Any], sets: list[str] | None
 ) -> tuple[Any, dict[str, Any]]:
-    """Resolve the recipe (or the resumed run's) and train; returns the recipe and the report."""
+    """Resolve the recipe (or the resumed run's) and train; returns the recipe and the report.
+
+    ``--resume auto --out DIR`` resumes DIR when it holds a checkpoint and starts a run there otherwise: one
+    command line for the first start and every requeue of a preemptible job.
+    """
     from evcli import api
 
+    out = flags.get("out.dir")
+    if resume is not None and str(resume) == "auto":
+        if out is None:
+            raise UsageError("--resume auto needs --out DIR: the folder to resume, or to start the run in")
+        if (Path(out) / "checkpoints" / "last.safetensors").exists():
+            resume = Path(out)
+        else:
+            rec = api.resolve(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or [])
+            return rec, api.train(rec, restart=True)
+    elif resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise UsageError(
+            f"--resume {resume} continues that run in its own folder; --out {out} cannot move it",
+            hint="drop --out (or start a new run with --out and no --resume)",
+        )
     if resume is not None:
         if recipe is not None:
             raise typer.BadParameter("--resume uses the run's own recipe; drop --recipe", param_hint="--recipe")
+        flags = {k: v for k, v in flags.items() if k != "out.dir"}
         rec, ckpt = api.resume(command, Path(resume), flags, sets or [], force)
     else:
         rec, ckpt = api.resolve(command, recipe_file=find_recipe(recipe), flags=flags, sets=sets or []), None

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 from evcli.cli.common import (
     Flag,
     JsonOption,
+    OverwriteOption,
     QuietOption,
     RecipeOption,
     SetOption,
@@ -125,6 +126,7 @@ def remove(
         help="LAB-Net arithmetic: fp32, or bf16 (blocks in bfloat16, residual in fp32; about 2x faster with "
         "AVX-512 BF16, pixels move up to ~1.5 8-bit levels).",
     ),
+    overwrite: bool = OverwriteOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -151,7 +153,6 @@ def remove(
         out_dir = output or source.parent / f"{source.name}_deshadow"
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--output must be a folder when the input is a folder: {out_dir}")
-        out_dir.mkdir(parents=True, exist_ok=True)
         if mask is not None and not mask.is_dir():
             raise DataError(f"--mask must be a folder of masks when the input is a folder: {mask}")
         jobs = []
@@ -169,8 +170,10 @@ def remove(
         out = output or source.with_name(f"{source.stem}_deshadow.png")
         if out.is_dir():
             out = out / f"{source.stem}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
         jobs = [(source, mask, out)]
+    _check_outputs(jobs, compare, overwrite)
+    for _, _, out in jobs:
+        out.parent.mkdir(parents=True, exist_ok=True)
     results, failed = [], []
     for img, m, out in jobs:
         try:
@@ -195,6 +198,23 @@ def remove(
         )
 
 
+def _outputs(out: Path, mask: Path | None, compare: bool) -> list[Path]:
+    """Every file one image's removal writes: the result, the estimated mask (no --mask), the comparison."""
+    return [out, *([] if mask is not None else [out.with_name(f"{out.stem}_mask.png")])] + (
+        [out.with_name(f"{out.stem}_compare.png")] if compare else []
+    )
+
+
+def _check_outputs(jobs: list[tuple[Path, Path | None, Path]], compare: bool, overwrite: bool) -> None:
+    """Before anything is written: no output replaces an input, nor (without --overwrite) an existing file."""
+    from evcli.api import check_new_file
+
+    inputs = [img for img, _, _ in jobs] + [m for _, m, _ in jobs if m is not None]
+    for _, m, out in jobs:
+        for target in _outputs(out, m, compare):
+            check_new_file(target, overwrite, inputs)
+
+
 def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: int, compare: bool) -> dict[str, Any]:
     from evcli.console import log
     from evcli.io.images import save_png
@@ -208,7 +228,7 @@ def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: i
         entry["mask_source"] = str(mask)
     else:
         m = estimate_shadow_mask(rgb)
-        mask_out = out.with_name(f"{out.stem}_mask.png")
+        mask_out = _outputs(out, None, False)[1]
         save_png(m, mask_out)
         entry["mask_source"] = f"estimated, written to {mask_out}"
         entry["mask"] = str(mask_out)
@@ -216,7 +236,7 @@ def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: i
     result = remove_shadow(remover, rgb, m, tile)
     save_png(result, out)
     if compare:
-        cmp_out = out.with_name(f"{out.stem}_compare.png")
+        cmp_out = _outputs(out, mask, True)[-1]
         save_png(comparison(rgb, m, result), cmp_out)
         entry["compare"] = str(cmp_out)
     log(f"{image} -> {out} (shadow {100 * entry['shadow_fraction']:.1f}% of the image)")

@@ -10,12 +10,14 @@ import typer
 from evcli.cli.common import (
     Flag,
     JsonOption,
+    OverwriteOption,
     QuietOption,
     RecipeOption,
     SetOption,
     classifier_eval_rows,
     classifier_flags,
     evaluate_weights,
+    export_metric_rows,
     flag,
     print_result,
     setup_output,
@@ -176,6 +178,7 @@ def export(
         None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
     ),
     which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+    overwrite: bool = OverwriteOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -183,7 +186,7 @@ def export(
     setup_output(quiet)
     from evcli.methods.sparsify.report import export_run
 
-    res = export_run(run, which, output)
+    res = export_run(run, which, output, overwrite=overwrite)
     rows = [
         ("from", res["checkpoint"]),
         ("step", str(res["step"])),
@@ -191,6 +194,7 @@ def export(
         ("pattern", f"{res['pattern']} ({'verified' if res['verified'] else 'NOT verified'})"),
         ("sparsity (targeted layers)", f"{100 * res['overall_sparsity']:.2f}%"),
         ("per-layer chart", res["chart"] or "none (dense run)"),
+        *export_metric_rows(res),
     ]
     p = res["packed"]
     if p:
@@ -267,6 +271,12 @@ def bench(
 ) -> None:
     """Dense vs sparse on one named runtime: CUDA 2:4 semi-structured Linear kernels, or CPU size/FLOPs only."""
     setup_output(quiet)
+    from evcli.errors import UsageError
+
+    counts = [*(("--batch", b) for b in batch or []), ("--iters", iters), ("--img-size", img_size)]
+    for flag_name, value in counts:
+        if value is not None and value < 1:
+            raise UsageError(f"{flag_name} must be >= 1, got {value}")
     from evcli.methods.sparsify.report import bench_file
 
     res = bench_file(file, batch or [1, 8, 32, 128], img_size=img_size, iters=iters, cpu=cpu)

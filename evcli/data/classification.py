@@ -182,14 +182,26 @@ def build_transforms(cfg: Any, img_size: int, mean: Sequence[float], std: Sequen
 
 
 def build_classification_data(
-    cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float], seed: int
+    cfg: Any, img_size: int, mean: Sequence[float], std: Sequence[float], seed: int, eval_only: bool = False
 ) -> ClassificationData:
-    """Train/val datasets from ``cfg.path`` (ImageFolder with train/ and val/) or the built-in set.
+    """Train/val datasets from ``cfg.path`` (ImageFolder with train/ and val/) or the built-in set. With
+    ``eval_only``, a plain folder of class subfolders (as timm's validate.py reads) is the val set.
 
     Raises:
         DataError: missing folder, no class folders, no images, val classes not in train.
     """
     train_tf, eval_tf = build_transforms(cfg, img_size, mean, std)
+    plain = cfg.path is not None and eval_only and Path(cfg.path).expanduser().is_dir()
+    if plain and not (Path(cfg.path).expanduser() / "val").is_dir():
+        root = Path(cfg.path).expanduser()
+        val_src = FolderSource(root, skip_corrupt=cfg.skip_corrupt)
+        val = SeededDataset(val_src, eval_tf, seed)
+        return ClassificationData(
+            train=val,
+            val=val,
+            classes=val_src.classes,
+            description=f"image folder {root}: {len(val_src)} images, {len(val_src.classes)} classes",
+        )
     if cfg.path is None:
         train_src, val_src = builtin_digits()
         description = f"built-in digits ({BUILTIN_DESCRIPTION})"

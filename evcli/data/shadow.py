@@ -255,7 +255,10 @@ class PairedFolderDataset(Dataset):
 
 
 def load_mask(path: Path, size: torch.Size | tuple[int, int], warn_resize: bool = True) -> torch.Tensor:
-    """A mask file as [1, H, W] in [0, 1] (any mode, 16-bit too), resized (nearest) to ``size``."""
+    """A mask file as [1, H, W] in [0, 1] (any mode, 16-bit too), resized (nearest) to ``size``.
+
+    The mask is read upright like the photo (:func:`load_rgb` applies EXIF orientation to both), so a mask
+    drawn over the photo as a viewer shows it lines up; oversized and damaged files raise ``DataError``."""
     img = load_rgb(path).convert("L")
     m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
     if tuple(m.shape[-2:]) != tuple(size):

@@ -168,6 +168,15 @@ class Method:
         only (not on biases, norms, 1-d parameters or the model's ``no_weight_decay()``)."""
         return {"main": OptimizerSpec(decay_groups(modules.unwrap(self.weights_module), ctx.recipe.optim.weight_decay))}
 
+    def adapt_weights(
+        self, state: dict[str, torch.Tensor], module: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """User weights (``--weights``, ``--init-from``) made to fit the weights module before they load: what a
+        user of the method's model family expects to be adapted (a classifier head for another class count,
+        position embeddings for another grid). Returns the state and one note per adaptation, logged. The
+        default adapts nothing: every other mismatch is refused by name."""
+        return state, []
+
     # --- training -----------------------------------------------------------------------------
 
     def training_step(self, modules: Modules, batch: Any, ctx: TrainContext) -> StepOutput:
@@ -201,6 +210,11 @@ class Method:
         """Metrics of the evaluated modules themselves, not of data (sparsity, bits, frozen fraction), computed
         once per evaluation and merged into every evaluation set's metrics."""
         return {}
+
+    def best_eligible(self, metrics: dict[str, float], ctx: TrainContext) -> bool:
+        """Whether an evaluation may become the run's "best" checkpoint (a sparse method: only once the model has
+        its target pattern, so that "best" is never a dense model that an export would prune untrained)."""
+        return True
 
     # --- the end ------------------------------------------------------------------------------
 

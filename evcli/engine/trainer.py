@@ -42,6 +42,7 @@ from evcli.errors import (
     HardwareError,
     Interrupted,
     MethodContractError,
+    Preempted,
     RecipeError,
     TrainingDiverged,
     UsageError,
@@ -56,7 +57,7 @@ from evcli.io.checkpoint import (
     save_safetensors,
     save_weights,
 )
-from evcli.recipe import Recipe
+from evcli.recipe import Recipe, explain_provenance
 
 # Accelerate tracker name -> the package it needs
 TRACKER_PACKAGES = {
@@ -164,6 +165,10 @@ class Trainer:
         resume_from: a training checkpoint to continue from exactly.
         initial_weights: plain weights (state, source) loaded into the weights module of a fresh run before
             ``transform`` (``--init-from``, then ``--weights``; ``evcli.api`` reads them).
+        explicit_dir: ``run_dir`` was named by the user (it must be new or empty); otherwise a taken default name
+            gets a suffix.
+        restart: start over in ``run_dir`` although an earlier run that never checkpointed left files there
+            (``--resume auto``).
     """
 
     def __init__(
@@ -173,12 +178,17 @@ class Trainer:
         run_dir: Path | None,
         resume_from: Path | None = None,
         initial_weights: list[tuple[dict[str, torch.Tensor], str]] | None = None,
+        explicit_dir: bool = True,
+        restart: bool = False,
     ):
         self.recipe = recipe
         self.method = method
         self.run_dir = run_dir
         self.resume_from = resume_from
         self.initial_weights = initial_weights or []
+        self.explicit_dir, self.restart = explicit_dir, restart
+        self.claim: Any = None
+        self._signal = ""
         self.accelerator = make_accelerator(
             recipe, find_unused_parameters=method.ddp_find_unused_parameters, project_dir=run_dir
         )
@@ -235,6 +245,10 @@ class Trainer:
     def load_user_weights(self, state: dict[str, torch.Tensor], source: str, strict: bool) -> None:
         """Plain weights (a ``--weights`` file, an export) into the weights module, before ``transform``."""
         target = self.trained[self.method.weights_module]
+        if self.ctx.training:  # a training start adapts; evaluation and export load exactly what was saved
+            state, notes = self.method.adapt_weights(dict(state), target)
+            for note in notes:
+                log(f"weights: {note}")
         report = load_model_weights(target, state, source, strict=strict)
         skipped = report["missing"] + report["unexpected"] + report["mismatched"]
         log(f"weights: loaded {source}" + (f" ({len(skipped)} keys did not fit and were skipped)" if skipped else ""))
@@ -520,20 +534,28 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # the loop
 
-    def _install_sigint(self) -> Any:
-        if not hasattr(signal, "SIGINT"):
-            return None
+    def _install_signals(self) -> dict[int, Any]:
+        """Ctrl-C (SIGINT) and the preemption signals of schedulers (SIGTERM: SLURM, Kubernetes; SIGUSR1: SLURM's
+        ``--signal``) all ask for a checkpoint at the next step boundary, agreed over processes; a second
+        signal stops at once."""
 
         def handler(signum: int, frame: Any) -> None:
-            if self._interrupt:  # second Ctrl-C: stop now
+            if self._interrupt:  # the second signal: stop now
                 raise KeyboardInterrupt
             self._interrupt = True
-            warn("interrupt received: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+            self._signal = signal.Signals(signum).name
+            warn(f"{self._signal} received: finishing this step and saving a checkpoint (again to stop now)")
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            return None
+        previous = {}
+        for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                break
+        return previous
 
     def _diverged(self, loss: torch.Tensor, what: str = "loss") -> TrainingDiverged:
         value = loss.detach().float()
@@ -629,16 +651,57 @@ class Trainer:
         out.loss = total_loss / accum
         return out
 
+    def _claim_run_dir(self) -> None:
+        """Rank 0 claims the run folder (evcli.engine.run.RunClaim); every rank learns its path."""
+        from evcli.engine.run import RunClaim, default_run_dir
+
+        requested = self.run_dir if self.run_dir is not None else default_run_dir(self.recipe)
+        message = ""
+        if self.is_main:
+            try:
+                self.claim = RunClaim(
+                    Path(requested), self.explicit_dir, resume=self.resume_from is not None, restart=self.restart
+                )
+                message = str(self.claim.path)
+            except UsageError as exc:
+                message = "\0" + json.dumps([exc.message, exc.hint])
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = broadcast_object_list([message])[0]
+        if message.startswith("\0"):
+            text, hint = json.loads(message[1:])
+            raise UsageError(text, hint=hint)
+        self.run_dir = self.ctx.run_dir = Path(message)
+        self.recipe.out.dir = message
+        if self.recipe.train.log_with:
+            self.accelerator.project_configuration.set_directories(message)
+
     def fit(self, on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
         """Train to the end of the schedule, evaluate, export; returns the report.
 
         Args:
-            on_ready: called once everything is built, before the first step (creates the run folder).
+            on_ready: called once everything is built, before the first step (writes the run files).
         """
-        self._setup_training()
-        if on_ready is not None:
-            on_ready()
+        self._claim_run_dir()
+        try:
+            self._setup_training()
+            if on_ready is not None:
+                on_ready()
+        except BaseException:
+            if self.claim is not None:
+                self.claim.release(failed_before_start=self.resume_from is None)
+            raise
+        try:
+            return self._fit()
+        finally:
+            if self.claim is not None:
+                self.claim.release()
+
+    def _fit(self) -> dict[str, Any]:
         r, ctx, acc = self.recipe, self.ctx, self.accelerator
+        log(f"run folder: {self.run_dir}")
+        log(explain_provenance(r))
         if r.train.log_with:
             from evcli.recipe import _flatten
 
@@ -658,7 +721,7 @@ class Trainer:
             f"{acc.num_processes} process(es) on {acc.device.type}; {ctx.total_steps} steps "
             f"({ctx.steps_per_epoch}/epoch), global batch {self.global_batch}; optimizers: {opts}"
         )
-        previous_handler = self._install_sigint()
+        previous_handlers = self._install_signals()
         progress = _Progress(ctx.total_steps, enabled=self.is_main)
         t_start, seen, window = time.perf_counter(), 0, []
         metrics: dict[str, float] = {}
@@ -708,6 +771,11 @@ class Trainer:
                         if evaluated or self._due(ckpt_every) or self._interrupt:
                             self.save_checkpoint(is_best)
                         if self._interrupt:
+                            if self._signal in ("SIGTERM", "SIGUSR1"):
+                                raise Preempted(
+                                    f"preempted ({self._signal}) at step {ctx.step}; checkpoint saved",
+                                    hint=f"continue with: --resume {self.run_dir}",
+                                )
                             raise Interrupted(
                                 f"interrupted at step {ctx.step}; checkpoint saved",
                                 hint=f"continue with: --resume {self.run_dir}",
@@ -719,10 +787,15 @@ class Trainer:
                 hint=f"continue with: --resume {self.run_dir}" if self.last_ckpt_step is not None else None,
             ) from exc
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         if not metrics:  # resumed at the very end: evaluate once more for the report
             metrics = self.evaluate()
+        if not self.best and r.train.best_metric in metrics:
+            warn(
+                "no evaluation of this run was eligible as best (e.g. a sparse model before its target pattern): "
+                "checkpoints/best.safetensors was not written; exports use the last checkpoint"
+            )
         report = self._finish(metrics, time.perf_counter() - t_start, seen)
         if r.train.log_with:
             acc.end_training()
@@ -730,7 +803,7 @@ class Trainer:
 
     def _update_best(self, metrics: dict[str, float]) -> bool:
         key, mode = self.recipe.train.best_metric, self.recipe.train.best_mode
-        if key not in metrics:
+        if key not in metrics or not self.method.best_eligible(metrics, self.ctx):
             return False
         previous = self.best.get(key)
         if previous is None or (metrics[key] > previous if mode == "max" else metrics[key] < previous):
@@ -757,11 +830,14 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl" if self.run_dir else None
         if not self.is_main or path is None or not path.exists():
             return
-        keep = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        keep = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line half-written when the run was killed
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def _due(self, every: int) -> bool:

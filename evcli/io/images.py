@@ -1,15 +1,32 @@
-"""Image reading that names the file when it fails, and normalises modes (16-bit, gray, RGBA)."""
+"""Image reading that names the file when it fails, uprights EXIF-rotated photos, refuses decompression
+bombs, and normalises modes (16-bit, gray, RGBA).
+
+Size limit: an image of more than :data:`DEFAULT_MAX_IMAGE_PIXELS` pixels (178,956,970, the size at which
+Pillow itself stops with ``DecompressionBombError``: about 13,377 x 13,377, or a 0.54 GB 8-bit RGB array)
+is refused with a ``DataError`` before it is decoded, so a tiny file whose header claims 60000x60000
+cannot exhaust memory. The environment variable ``EVCLI_MAX_IMAGE_PIXELS`` raises or lowers the limit
+(``0`` turns it off); DataLoader worker processes inherit it.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from evcli.errors import DataError
+from evcli.errors import DataError, EvcliError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MAX_PIXELS_ENV = "EVCLI_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 2 * int(1024 * 1024 * 1024 // 4 // 3)  # 178,956,970: Pillow's own hard stop
+# Pillow's limit is a module global: evcli sets it to its own limit only while it decodes, under this lock.
+_PIL_LIMIT_LOCK = threading.RLock()
 
 
 def is_image_file(path: Path) -> bool:
@@ -17,25 +34,105 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB (16-bit and float images are rescaled, alpha dropped).
+def max_image_pixels() -> int | None:
+    """The largest image (width x height) evcli decodes: ``EVCLI_MAX_IMAGE_PIXELS`` or the default; None
+    when the variable is ``0`` (no limit).
 
     Raises:
-        DataError: the file is missing, truncated or not an image (the path is named).
+        UsageError: the variable is set to something other than a whole number >= 0.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "").replace(",", "")
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(
+            f"{MAX_PIXELS_ENV} must be a whole number of pixels (0 for no limit), got {os.environ[MAX_PIXELS_ENV]!r}"
+        )
+    return value or None
+
+
+class _Unreadable(Exception):
+    """Why an image cannot be used; ``pixels`` (the size it needs, 0 if unknown) is set when it is over the
+    pixel limit rather than damaged."""
+
+    def __init__(self, reason: str, pixels: int | None = None):
+        super().__init__(reason)
+        self.reason, self.pixels = reason, pixels
+
+
+@contextmanager
+def _decoded(p: Path) -> Iterator[Image.Image]:
+    """The image at ``p`` opened, size-checked against :func:`max_image_pixels` and decoded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        _Unreadable: not an image, damaged, or over the pixel limit.
+    """
+    limit = max_image_pixels()
+    w = h = 0
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # the size is checked below, with evcli's limit and message
+            with Image.open(p) as img:
+                w, h = img.size
+                if limit is not None and w * h > limit:
+                    raise _Unreadable(
+                        f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,} set by {MAX_PIXELS_ENV} "
+                        "(a decompression bomb or an oversized image)",
+                        pixels=w * h,
+                    )
+                # Frames and tiles that a decoder sizes on its own (GIF, TIFF, ICO) stay within the limit too:
+                # Pillow raises DecompressionBombError above twice its MAX_IMAGE_PIXELS.
+                Image.MAX_IMAGE_PIXELS = None if limit is None else (limit + 1) // 2
+                img.load()
+                yield img
+        except (_Unreadable, FileNotFoundError, EvcliError):
+            raise
+        except Image.DecompressionBombError as exc:
+            raise _Unreadable(
+                f"a decompression bomb: a {w}x{h} image with a frame or tile over the limit of {limit:,} pixels "
+                f"set by {MAX_PIXELS_ENV}",
+                pixels=0,
+            ) from exc
+        except MemoryError as exc:
+            raise _Unreadable(f"{w}x{h} pixels, more than the memory available to decode it") from exc
+        except Exception as exc:  # any decoder failure (OSError, SyntaxError, struct.error, ...) is a damaged file
+            raise _Unreadable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image as 8-bit RGB, upright (EXIF orientation applied, as viewers show it; 16-bit and float
+    images are rescaled, alpha dropped).
+
+    Raises:
+        DataError: the file is missing, truncated, not an image, or larger than :func:`max_image_pixels`
+            (the path, its size and the limit are named).
     """
     p = Path(path)
     try:
-        with Image.open(p) as img:
-            img.load()
-            return to_rgb(img)
+        with _decoded(p) as img:
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception:  # a damaged EXIF block: the pixels are fine, keep them as stored
+                upright = img
+            return to_rgb(upright)
     except FileNotFoundError as exc:
         raise DataError(f"image not found: {p}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"corrupt or unreadable image: {p} ({reason})",
-            hint="fix or replace it",
-        ) from exc
+    except _Unreadable as exc:
+        if exc.pixels is not None:
+            raise DataError(
+                f"image {p} is too large: {exc.reason}",
+                hint=f"if you trust the file, raise the limit: {MAX_PIXELS_ENV}={exc.pixels or 0} (0 = no limit)",
+            ) from exc
+        raise DataError(f"corrupt or unreadable image: {p} ({exc.reason})", hint="fix or replace it") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -55,11 +152,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def verify_image(path: Path) -> str | None:
-    """Return None if the image decodes, else the reason it does not."""
+    """Return None if the image decodes within the pixel limit, else the reason it does not."""
     try:
-        with Image.open(path) as img:
-            img.load()
-    except Exception as exc:  # any decoder failure counts as corrupt
+        with _decoded(Path(path)):
+            pass
+    except FileNotFoundError:
+        return "file not found"
+    except _Unreadable as exc:
+        return exc.reason
+    except EvcliError:  # a bad EVCLI_MAX_IMAGE_PIXELS is the user's setting, not this image's fault
+        raise
+    except Exception as exc:  # any other decoder failure counts as corrupt
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
 

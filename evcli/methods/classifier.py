@@ -40,7 +40,9 @@ class ClassifierMethod(Method):
         from evcli.data.classification import build_classification_data
 
         r = self.recipe
-        return build_classification_data(r.data, r.data.img_size, self.norm_mean, self.norm_std, r.train.seed)
+        return build_classification_data(
+            r.data, r.data.img_size, self.norm_mean, self.norm_std, r.train.seed, eval_only=not ctx.training
+        )
 
     def num_classes(self, ctx: Any) -> int:
         return self.recipe.model.num_classes or len(ctx.classes)
@@ -59,6 +61,40 @@ class ClassifierMethod(Method):
             kwargs=m.kwargs,
         )
         return {"model": model}
+
+    def adapt_weights(self, state: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict, list[str]]:
+        """As timm loads pretrained weights: a classifier for another class count is left out (the model's own,
+        freshly initialised head stays); ViT position embeddings are resampled to the run's token grid and
+        patch-embedding kernels to its patch size (timm's own resampling). Anything else must fit exactly."""
+        from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+        own, notes = module.state_dict(), []
+        head = module.get_classifier() if hasattr(module, "get_classifier") else None
+        head_keys = {f"{n}.{k}" for n, m in module.named_modules() if m is head for k in m.state_dict()}
+        mismatched_head = [k for k in head_keys if k in state and state[k].shape != own[k].shape]
+        if mismatched_head:
+            classes = state[next(k for k in mismatched_head if k.endswith("weight"))].shape[0]
+            for k in mismatched_head:
+                state[k] = own[k]  # the model's own, freshly initialised head
+            notes.append(
+                f"classifier {', '.join(sorted(mismatched_head))} re-initialised ({classes} classes in the file, "
+                f"{own[next(k for k in mismatched_head if k.endswith('weight'))].shape[0]} here)"
+            )
+        pos = state.get("pos_embed")
+        if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+            prefix = 0 if getattr(module, "no_embed_class", False) else getattr(module, "num_prefix_tokens", 1)
+            grid = list(module.patch_embed.grid_size)
+            state["pos_embed"] = resample_abs_pos_embed(pos, new_size=grid, num_prefix_tokens=prefix)
+            if state["pos_embed"].shape == own["pos_embed"].shape:
+                notes.append(
+                    f"pos_embed resampled {list(pos.shape)} -> {list(own['pos_embed'].shape)} (token grid {grid})"
+                )
+        key = "patch_embed.proj.weight"
+        w = state.get(key)
+        if w is not None and key in own and w.shape[:2] == own[key].shape[:2] and w.shape != own[key].shape:
+            state[key] = resample_patch_embed(w, new_size=list(own[key].shape[-2:]))
+            notes.append(f"{key} resampled to {list(own[key].shape[-2:])} px patches")
+        return state, notes
 
     def training_step(self, modules: Any, batch: Any, ctx: Any) -> StepOutput:
         x, y = batch

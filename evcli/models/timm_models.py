@@ -24,8 +24,30 @@ def suggest_models(name: str, n: int = 3) -> list[str]:
 
 
 def auto_patch_size(img_size: int) -> int:
-    """Patch size giving an 8x8 token grid for small images (evcli's choice, logged)."""
-    return max(1, img_size // 8)
+    """Patch size giving an 8x8 token grid for small images (evcli's choice, logged): the largest patch up to
+    ``img_size // 8`` that divides the image, so that no size is refused for want of a fitting patch."""
+    target = max(1, img_size // 8)
+    return next(p for p in range(target, 0, -1) if img_size % p == 0)
+
+
+def check_patch_grid(model: torch.nn.Module, name: str) -> None:
+    """Refuse a ViT whose patches do not tile its input (timm fails at the first forward, or drops the border).
+
+    Raises:
+        UsageError: the image size is smaller than, or not a multiple of, the patch size.
+    """
+    embed = getattr(model, "patch_embed", None)
+    img_size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if img_size is None or patch is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    for side, p in zip(tuple(img_size), tuple(patch) if isinstance(patch, tuple | list) else (patch, patch)):
+        if side < p or side % p:
+            fitting = max(p, side // p * p)
+            raise UsageError(
+                f"model '{name}': image size {side} is not divisible by the model's patch size {p} "
+                f"(data.img_size / model.patch_size)",
+                hint=f"use --img-size {fitting}, or a --patch-size that divides {side}",
+            )
 
 
 def create_model(
@@ -43,7 +65,8 @@ def create_model(
     except below 64 px where an 8x8 grid is chosen (logged).
 
     Raises:
-        UsageError: unknown model name (with close names), or arguments the model does not take.
+        UsageError: unknown model name (with close names), arguments the model does not take, or an image size
+            its patches do not tile.
     """
     import timm
 
@@ -53,6 +76,8 @@ def create_model(
             f"unknown timm model '{name}'" + (f" (did you mean: {', '.join(close)}?)" if close else ""),
             hint="list names with: python -c \"import timm; print(timm.list_models('*vit*'))\"",
         )
+    if patch_size is not None and patch_size < 1:
+        raise UsageError(f"model.patch_size must be >= 1, got {patch_size}")
     extra: dict[str, Any] = dict(kwargs or {})
     if drop_path:
         extra["drop_path_rate"] = drop_path
@@ -86,7 +111,14 @@ def create_model(
         raise UsageError(f"model '{name}' rejected its arguments: {exc}") from exc
     except (AssertionError, ValueError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in msg or "out of memory" in msg:
+            from evcli.errors import HardwareError
+
+            raise HardwareError(
+                f"out of memory building model '{name}' with {dict(extra, **sized)}", hint="use a smaller model"
+            ) from exc
         raise UsageError(f"cannot build model '{name}' with {dict(extra, **sized)}: {msg}") from exc
+    check_patch_grid(model, name)
     if "patch_size" in sized and patch_size is None:
         log(f"model: patch_size {sized['patch_size']} for {img_size} px images (set model.patch_size to change)")
     return model

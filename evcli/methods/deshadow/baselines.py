@@ -57,7 +57,11 @@ class ColourTransfer(nn.Module):
 
 
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-d array (maximises the between-class variance)."""
+    """Otsu's threshold of a 1-d array (maximises the between-class variance); the minimum for an array with
+    (almost) no spread, which then has nothing below the threshold (a flat image has no shadow to find)."""
+    low, high = float(values.min()), float(values.max())
+    if not high - low > 1e-6 * max(1.0, abs(high)):
+        return low
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2.0
     w0 = np.cumsum(hist).astype(np.float64)

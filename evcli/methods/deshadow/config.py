@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from evcli.durations import Duration
 from evcli.errors import RecipeError
@@ -67,6 +67,25 @@ class DeshadowConfig:
     lr_decay_start: Duration = Duration("50ep")  # lr constant until here, then linear to 0 (papers: 50 + 250)
     eval_resize: Literal["256x256", "full"] = "256x256"  # evaluation protocol: resize to 256x256, or native
 
+    # ranges of single keys, enforced by the recipe loader (evcli.recipe.check_limit)
+    LIMITS: ClassVar[dict[str, str]] = {
+        "load_size": ">= 1, <= 65536",
+        "max_size": ">= 1, <= 65536",
+        "rotate": "[0, 180]",
+        "test_size": ">= 1, <= 65536",
+        "builtin_train_samples": ">= 1, <= 100000000",
+        "builtin_val_samples": ">= 1, <= 100000",
+        "builtin_val_size": ">= 8, <= 4096",
+        "mask_threshold_train": "[0, 1)",
+        "mask_threshold_test": "[0, 1)",
+        "channels": ">= 8, <= 4096",
+        "lsa_size": ">= 4, <= 65536",
+        "ring_kernel": ">= 1, <= 255",
+        "sadc_morph": ">= 1, <= 255",
+        "labnet_loss": ">= 0",
+        "sadc_loss_scale": "> 0",
+    }
+
     def resolved_channels(self) -> int:
         return self.channels or (32 if self.method == "labnet" else 64)
 
@@ -82,22 +101,20 @@ class DeshadowConfig:
         elif recipe.model.name != self.method:
             raise RecipeError(f"model.name {recipe.model.name!r} must be one of {', '.join(METHODS)}")
         recipe.model.name = self.method
-        if len(self.labnet_loss) != 3 or any(w < 0 for w in self.labnet_loss):
-            raise RecipeError("recipe key 'deshadow.labnet_loss' must be three weights >= 0 [perceptual, grad, mse]")
+        if len(self.labnet_loss) != 3:
+            raise RecipeError(
+                "recipe key 'deshadow.labnet_loss' must be three weights [perceptual, grad, mse], "
+                f"got {self.labnet_loss}"
+            )
         if self.init == "identity" and self.method != "labnet":
             raise RecipeError("deshadow.init=identity exists for labnet only (SADC has no global residual)")
         c = self.resolved_channels()
         if c < 8 or c % 8:
             raise RecipeError(f"recipe key 'deshadow.channels' must be a multiple of 8 (>= 8), got {c}")
-        if self.test_size is not None and (len(self.test_size) != 2 or min(self.test_size) < 1):
-            raise RecipeError("recipe key 'deshadow.test_size' must be [width, height]")
-        for key in ("mask_threshold_test", "mask_threshold_train"):
-            v = getattr(self, key)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise RecipeError(f"recipe key 'deshadow.{key}' must be in [0, 1)")
-        if self.lsa_size < 4 or self.builtin_val_size < 8 or recipe.data.img_size < 8:
-            raise RecipeError("deshadow.lsa_size must be >= 4 and image sizes >= 8")
-        if self.builtin_train_samples < 1 or self.builtin_val_samples < 1:
-            raise RecipeError("deshadow.builtin_train_samples and builtin_val_samples must be >= 1")
-        if self.ring_kernel % 2 == 0 or self.sadc_morph % 2 == 0:
-            raise RecipeError("deshadow.ring_kernel and deshadow.sadc_morph must be odd")
+        if self.test_size is not None and len(self.test_size) != 2:
+            raise RecipeError(f"recipe key 'deshadow.test_size' must be [width, height], got {self.test_size}")
+        if recipe.data.img_size < 8:
+            raise RecipeError(f"recipe key 'data.img_size' must be >= 8 for deshadow, got {recipe.data.img_size}")
+        for key in ("ring_kernel", "sadc_morph"):
+            if getattr(self, key) % 2 == 0:
+                raise RecipeError(f"recipe key 'deshadow.{key}' must be odd, got {getattr(self, key)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from evcli.errors import RecipeError
 from evcli.registry import register_command
@@ -39,6 +39,20 @@ class MixConfig:
     consistency_weight: float = 1.0  # weight of the feature consistency KL term
     save_mixed: int = 0  # write a PNG of this many SMMix-mixed images (with their regions) to the run folder
 
+    # ranges of single keys, enforced by the recipe loader (evcli.recipe.check_limit)
+    LIMITS: ClassVar[dict[str, str]] = {
+        "mixup_alpha": "> 0",
+        "cutmix_alpha": "> 0",
+        "prob": "[0, 1]",
+        "label_smoothing": "[0, 1)",
+        "switch_prob": "[0, 1]",
+        "min_side_ratio": "(0, 1)",
+        "max_side_ratio": "(0, 1)",
+        "fine_weight": ">= 0",
+        "consistency_weight": ">= 0",
+        "save_mixed": ">= 0",
+    }
+
     def validate(self, recipe: Any) -> None:
         """Cross-key checks of the mix section."""
         if self.method != "none" and recipe.data.batch_size % 2:
@@ -46,15 +60,12 @@ class MixConfig:
                 f"mix.method {self.method} pairs image i with image B-1-i and needs an even batch size, "
                 f"got data.batch_size={recipe.data.batch_size}"
             )
-        if not 0.0 <= self.prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
-            raise RecipeError("recipe keys 'mix.prob' and 'mix.switch_prob' must be in [0, 1]")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise RecipeError("recipe key 'mix.label_smoothing' must be in [0, 1)")
-        if self.mixup_alpha <= 0 or self.cutmix_alpha <= 0:
-            raise RecipeError("recipe keys 'mix.mixup_alpha' and 'mix.cutmix_alpha' must be > 0")
-        if not 0.0 < self.min_side_ratio <= self.max_side_ratio < 1.0:
-            raise RecipeError("mix.min_side_ratio and mix.max_side_ratio need 0 < min <= max < 1")
-        if self.save_mixed < 0 or self.save_mixed > recipe.data.batch_size:
+        if self.min_side_ratio > self.max_side_ratio:
+            raise RecipeError(
+                f"recipe key 'mix.min_side_ratio' must be <= mix.max_side_ratio ({self.max_side_ratio}), "
+                f"got {self.min_side_ratio}"
+            )
+        if self.save_mixed > recipe.data.batch_size:
             raise RecipeError(
                 f"mix.save_mixed ({self.save_mixed}) must be between 0 and the batch size ({recipe.data.batch_size})"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from evcli.durations import Duration
 from evcli.errors import RecipeError
@@ -79,6 +79,16 @@ class SparsifyConfig:
     srste_decay: float = 2e-4  # SR-STE sparse-refined decay lambda_W on pruned weights
     label_smoothing: float = 0.1
 
+    # ranges of single keys, enforced by the recipe loader (evcli.recipe.check_limit)
+    LIMITS: ClassVar[dict[str, str]] = {
+        "sparsity": "(0, 1)",
+        "power": ">= 1, <= 64",
+        "beta": "> 0",
+        "mask_lr_scale": ">= 0",
+        "srste_decay": ">= 0",
+        "label_smoothing": "[0, 1)",
+    }
+
     def validate(self, recipe: Any) -> None:
         """Cross-key checks; resolves ``method: auto`` and the default 2:4 pattern."""
         if self.nm is not None and self.sparsity is not None:
@@ -88,8 +98,6 @@ class SparsifyConfig:
             )
         if self.nm is not None:
             parse_nm_text(self.nm)
-        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
-            raise RecipeError(f"--sparsity / sparsify.sparsity must be in (0, 1), got {self.sparsity}")
         if self.method == "auto":
             self.method = "optg" if self.sparsity is not None else "lbc"
         if self.method == "dense":
@@ -112,14 +120,6 @@ class SparsifyConfig:
             check_pattern(p, f"sparsify.targets[{i}]")
         for i, p in enumerate(self.ignore):
             check_pattern(p, f"sparsify.ignore[{i}]")
-        if self.power is not None and self.power < 1:
-            raise RecipeError("recipe key 'sparsify.power' must be >= 1")
-        if self.beta <= 0:
-            raise RecipeError("recipe key 'sparsify.beta' must be > 0")
-        if self.mask_lr_scale < 0 or self.srste_decay < 0:
-            raise RecipeError("recipe keys 'sparsify.mask_lr_scale' and 'sparsify.srste_decay' must be >= 0")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise RecipeError("recipe key 'sparsify.label_smoothing' must be in [0, 1)")
 
     def pattern(self) -> tuple[int, int] | None:
         """(N, M) of an N:M run, None for unstructured sparsity."""

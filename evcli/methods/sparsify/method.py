@@ -315,6 +315,15 @@ class SparsifyMethod(ClassifierMethod):
             metrics["nm_exact"] = float(bad == 0)
         return metrics
 
+    def best_eligible(self, metrics: dict[str, float], ctx: Any) -> bool:
+        """Only evaluations of the model at its target (exact N:M, or the target sparsity) may be "best": an
+        earlier, denser model scores higher and its export would be pruned without training."""
+        if self.kind == "dense":
+            return True
+        if self.nm:
+            return metrics.get("nm_exact") == 1.0
+        return metrics.get("sparsity", 0.0) >= self.cfg.sparsity - 0.005
+
     # --- export -------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evcli.console import warn
 from evcli.errors import CheckpointError, UsageError
 from evcli.io.checkpoint import atomic_write_text, model_weights_from, read_safetensors, save_safetensors
 from evcli.ops.nm import expected_packed_ratio, pack_nm, packed_nbytes, parse_nm, unpack_nm
@@ -236,7 +237,9 @@ def pack_file(path: str | Path, output: str | Path, nm: str | None = None) -> di
 # Export of a run
 
 
-def export_run(run: str | Path, which: str = "best", output: str | Path | None = None) -> dict[str, Any]:
+def export_run(
+    run: str | Path, which: str = "best", output: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Export a run's checkpoint with the masks folded in, verify it, chart it and (N:M) pack it.
 
     Writes ``export-<which>.safetensors`` (or ``output``), ``export-<which>.packed.safetensors`` for N:M, and
@@ -244,7 +247,10 @@ def export_run(run: str | Path, which: str = "best", output: str | Path | None =
     """
     from evcli import api
 
-    res = api.export("sparsify", Path(run), which, Path(output) if output else None)
+    run = Path(run)
+    out = Path(output) if output else (run if run.is_dir() else run.parent) / f"export-{which}.safetensors"
+    api.check_new_file(out.with_name(out.name.removesuffix(".safetensors") + ".packed.safetensors"), overwrite)
+    res = api.export("sparsify", run, which, out, overwrite=overwrite)
     weights = Path(res["weights"])
     meta = read_safetensors(weights, "weights file")[1]
     recipe = _recipe_of(meta)
@@ -252,6 +258,20 @@ def export_run(run: str | Path, which: str = "best", output: str | Path | None =
         res.update(pattern="dense", verified=True, failing_layers=[], overall_sparsity=0.0, packed=None, chart=None)
         return res
     check = verify_file(weights)
+    live = res.get("checkpoint_model_metrics") or {}
+    trained_at_pattern = (
+        live.get("nm_exact") == 1.0
+        if recipe.method.nm
+        else live.get("sparsity", 0.0) >= (recipe.method.sparsity or 0.0) - 0.005
+    )
+    res["trained_at_pattern"] = trained_at_pattern
+    if not trained_at_pattern:
+        warn(
+            f"the exported checkpoint (step {res['step']}) was not trained at {check['pattern']}: the model computed "
+            f"{100 * live.get('sparsity', 0.0):.1f}% sparsity there, and the export prunes it without training. "
+            "Its accuracy is what the export's metrics say, not what the run reported; export --which last, or "
+            "train past the end of the sparsity schedule"
+        )
     folder = Path(run) if Path(run).is_dir() else weights.parent
     title = f"{recipe.model.name} {recipe.method.method} {check['pattern']}" if recipe else weights.name
     res.update(write_layer_report(folder, check["layers"], title))

@@ -1,0 +1,87 @@
+"""Pretrained weights load as a timm user expects: another classifier size is re-initialised, a ViT's position and
+patch embeddings are resampled to the run's grid and patch size, and another architecture is still refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from evcli.testing import make_image_folder, run_cli
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, per_class=4, size=32)
+
+
+def _save(model: torch.nn.Module, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _run(folder: Path, out: Path, *args: str) -> tuple[int, str]:
+    r = run_cli(["mix", "--data", str(folder), "--img-size", "32", "-b", "4", "--workers", "0", "--max-steps", "1",
+                 "--set", "mix.method=none", "-o", str(out), *args])  # fmt: skip
+    return r.code, r.stderr
+
+
+def test_imagenet_resnet_weights_load_into_a_three_class_run(folder: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    source = timm.create_model("test_resnet", num_classes=1000)
+    code, err = _run(
+        folder, tmp_path / "r", "--model", "test_resnet", "--weights", str(_save(source, tmp_path / "w.st"))
+    )
+    assert code == 0, err
+    assert "classifier fc.bias, fc.weight re-initialised (1000 classes in the file, 3 here)" in err
+    from safetensors.torch import load_file
+
+    after = load_file(str(tmp_path / "r" / "checkpoints" / "last.safetensors"))
+    # the backbone came from the file (one AdamW step at lr 5e-4 moves a weight by ~5e-4 at most), the head did not
+    backbone = {k: v.detach() for k, v in source.named_parameters() if not k.startswith("fc.")}  # not BN stats
+    assert backbone and all(torch.allclose(after[f"module.model.{k}"], v, atol=2e-3) for k, v in backbone.items())
+    assert after["module.model.fc.weight"].shape == (3, source.fc.in_features)
+
+
+def test_vit_weights_at_another_size_and_patch_are_resampled(folder: Path, tmp_path: Path):
+    source = timm.create_model("test_vit", num_classes=1000, img_size=64, patch_size=16)  # a 4x4 grid
+    code, err = _run(
+        folder,
+        tmp_path / "v",
+        "--model",
+        "test_vit",
+        "--patch-size",
+        "4",
+        "--weights",
+        str(_save(source, tmp_path / "v.st")),
+    )
+    assert code == 0, err
+    assert "pos_embed resampled [1, 17, " in err and "(token grid [8, 8])" in err
+    assert "patch_embed.proj.weight resampled to [4, 4] px patches" in err
+
+
+def test_another_architecture_is_still_refused(folder: Path, tmp_path: Path):
+    source = timm.create_model("test_vit", num_classes=3, img_size=32, patch_size=4)
+    code, err = _run(
+        folder, tmp_path / "x", "--model", "test_resnet", "--weights", str(_save(source, tmp_path / "x.st"))
+    )
+    assert code == 3 and "does not fit this model" in err and not (tmp_path / "x").exists()
+
+
+def test_eval_reads_a_plain_class_folder_and_refuses_other_classes(folder: Path, tmp_path: Path):
+    code, err = _run(folder, tmp_path / "run", "--model", "test_resnet")
+    assert code == 0, err
+    r = run_cli(["mix", "eval", str(tmp_path / "run"), "--data", str(folder / "val"), "--json"])
+    assert r.code == 0, r.stderr
+    import json
+
+    report = json.loads(r.stdout)
+    assert report["data"].startswith("image folder") and "6 images, 3 classes" in report["data"]
+    expected = json.loads(run_cli(["mix", "eval", str(tmp_path / "run"), "--json"]).stdout)["metrics"]
+    assert report["metrics"] == expected  # the same images as the run's val split
+    other = make_image_folder(tmp_path / "other", classes=4, per_class=1, size=32)
+    r = run_cli(["mix", "eval", str(tmp_path / "run"), "--data", str(other / "val")])
+    assert r.code == 2 and "are not the classes" in r.stderr and "Traceback" not in r.stderr
