@@ -118,10 +118,14 @@ def _read(source: str | Path, what: str) -> tuple[Path, dict, dict]:
 
     path = resolve_weights_source(source)
     tensors, meta = read_safetensors(path, what)
+    if meta.get("kind") == "packed_nm":  # a packed N:M export (evcli sparsify export): its dense weights
+        from evcli.ops.nm import unpack_state
+
+        tensors, meta = unpack_state(tensors, list(meta.get("packed_layers") or [])), {**meta, "kind": "weights"}
     return path, tensors, meta
 
 
-def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool = True) -> None:
+def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool = True, ema: bool = False) -> None:
     """Build the trainer's modules and put the file's weights in (a training checkpoint after transform, exactly;
     plain weights into the weights module before transform)."""
     from evcli.io.checkpoint import decode_state
@@ -130,7 +134,9 @@ def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool =
     trainer.build_modules()
     if meta.get("kind") == "training":
         trainer.transform()
-        trainer.load_modules_from(tensors, str(path))
+        if ema and not any(k.startswith("ema.") for k in tensors):
+            raise CheckpointError(f"{path} holds no EMA weights (the run trained with train.ema off)")
+        trainer.load_modules_from(tensors, str(path), prefix="ema." if ema else "module.")
         trainer.method.load_state_dict(decode_state(meta["state"], tensors)["method"])
         trainer.ctx.step = int(meta.get("step", 0))
     else:
@@ -140,8 +146,9 @@ def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool =
         module.to(trainer.accelerator.device).eval()
 
 
-def load(source: str | Path, recipe: Recipe | None = None, method: Any = None) -> Loaded:
-    """A run folder, training checkpoint or exported weights file as ready modules.
+def load(source: str | Path, recipe: Recipe | None = None, method: Any = None, ema: bool = False) -> Loaded:
+    """A run folder, training checkpoint or exported weights file as ready modules (``ema``: a training
+    checkpoint's EMA weights).
 
     The file's own recipe (in its metadata) rebuilds the method unless ``recipe`` is given (needed for a file
     evcli did not write).
@@ -154,7 +161,7 @@ def load(source: str | Path, recipe: Recipe | None = None, method: Any = None) -
             raise CheckpointError(f"{path} carries no evcli recipe; pass the recipe it was trained with")
         recipe = recipe_from_saved(meta["recipe"])
     trainer = Trainer(recipe, method or method_for(recipe), None)
-    _restore(trainer, tensors, meta, path, strict=recipe.model.weights_strict)
+    _restore(trainer, tensors, meta, path, strict=recipe.model.weights_strict, ema=ema)
     return Loaded(recipe, trainer.method, trainer.eval_modules(), meta, path, trainer)
 
 
@@ -245,17 +252,30 @@ def _few(names: list[str]) -> str:
 
 
 def export(
-    command: str, run: str | Path, which: str = "best", output: str | Path | None = None, overwrite: bool = False
+    command: str,
+    run: str | Path,
+    which: str = "best",
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    format: str = "safetensors",
 ) -> dict[str, Any]:
-    """Export a run's best/last checkpoint through the method's export as plain weights (an existing file is
-    replaced only with ``overwrite``, never a checkpoint of the run)."""
+    """Export a run's best / last checkpoint (or the last one's EMA weights, ``which="ema"``) through the method's
+    export, with val metrics measured on the exported weights.
+
+    ``format``: ``safetensors`` (one weights file), or ``timm`` (a folder with ``model.safetensors`` and a timm
+    ``config.json``: architecture and its arguments, classes, and the preprocessing evcli used, which
+    ``timm.create_model("local-dir:FOLDER", pretrained=True)`` loads). An existing output is replaced only with
+    ``overwrite``, never a checkpoint of the run.
+    """
     from evcli.io.checkpoint import read_metadata, save_weights
 
-    if which not in ("best", "last"):
-        raise UsageError(f"--which must be 'best' or 'last', got {which!r}")
+    if which not in ("best", "last", "ema"):
+        raise UsageError(f"--which must be best, last or ema, got {which!r}")
+    if format not in ("safetensors", "timm"):
+        raise UsageError(f"--format must be safetensors or timm, got {format!r}")
     run = Path(run).expanduser()
     if run.is_dir():
-        ckpt = run / "checkpoints" / f"{which}.safetensors"
+        ckpt = run / "checkpoints" / f"{'last' if which == 'ema' else which}.safetensors"
         if not ckpt.exists() and which == "best":
             ckpt = run / "checkpoints" / "last.safetensors"
         if not ckpt.exists():
@@ -267,26 +287,69 @@ def export(
         raise CheckpointError(f"{ckpt} is not an evcli training checkpoint")
     if meta.get("command") != command:
         raise UsageError(f"{ckpt} is an 'evcli {meta.get('command')}' checkpoint, not 'evcli {command}'")
-    out = Path(output) if output else (run if run.is_dir() else run.parent) / f"export-{which}.safetensors"
     folder = run if run.is_dir() else ckpt.parent.parent
+    name = f"export-{which}" + ("-timm" if format == "timm" else ".safetensors")
+    out = Path(output) if output else folder / name
     protected = [ckpt, *(folder / "checkpoints").glob("*.safetensors")]
-    check_new_file(out, overwrite, inputs=protected)
-    loaded = load(ckpt)
+    if format == "timm":
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+            raise UsageError(f"{out} exists and is not an empty folder", hint="choose another --output, or --overwrite")
+        weights_file = out / "model.safetensors"
+    else:
+        weights_file = out
+    check_new_file(weights_file, overwrite, inputs=protected)
+    loaded = load(ckpt, ema=which == "ema")
     ctx = loaded.trainer.ctx
     exported = loaded.method.export(loaded.modules, ctx)
     live = loaded.method.model_metrics(loaded.modules, ctx)
     metrics, note = measure_weights(loaded.recipe, exported, list(ctx.classes))
     out_meta = {**loaded.trainer.checkpoint_meta(), "metrics": metrics, "metrics_note": note}
-    path = save_weights(out, exported, out_meta)
+    if format == "timm":
+        _write_timm_config(loaded, exported, out)
+    path = save_weights(weights_file, exported, out_meta)
     return {
         "checkpoint": str(ckpt),
+        "which": which,
         "step": ctx.step,
         "weights": str(path),
+        "format": format,
         "tensors": len(exported),
         "metrics": metrics,
         "metrics_note": note,
         "checkpoint_model_metrics": live,
     }
+
+
+def _write_timm_config(loaded: Loaded, exported: dict[str, Any], folder: Path) -> None:
+    """timm's config.json for the exported weights: the architecture with the arguments it was built with, the
+    class names, and the preprocessing of the run (input size, mean / std, crop_pct, interpolation)."""
+    from timm.models._hub import save_config_for_hf
+
+    from evcli.engine.trainer import Trainer
+
+    plain = Trainer(loaded.recipe, method_for(loaded.recipe), None)
+    plain.ctx.classes = list(loaded.trainer.ctx.classes)
+    plain.build_modules()  # the plain network, as `build` makes it (no train-time swaps)
+    model = plain.trained[loaded.method.weights_module]
+    if not hasattr(model, "pretrained_cfg"):
+        raise UsageError(f"--format timm is for timm models; 'evcli {loaded.recipe.command}' exports another kind")
+    model.load_state_dict(exported)
+    r = loaded.recipe
+    mean, std = getattr(loaded.method, "norm_mean", None), getattr(loaded.method, "norm_std", None)
+    data_config = {
+        "input_size": (3, r.data.img_size, r.data.img_size),
+        "crop_pct": r.data.crop_pct,
+        "interpolation": r.data.interpolation,
+        **({"mean": tuple(mean), "std": tuple(std)} if mean is not None else {}),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = list(loaded.trainer.ctx.classes)
+    save_config_for_hf(
+        model,
+        str(folder / "config.json"),
+        model_config={"label_names": classes} if classes else None,
+        data_config=data_config,
+    )
 
 
 def measure_weights(recipe: Recipe, state: dict[str, Any], classes: list[str]) -> tuple[dict[str, float], str]:

@@ -85,3 +85,32 @@ def test_eval_reads_a_plain_class_folder_and_refuses_other_classes(folder: Path,
     other = make_image_folder(tmp_path / "other", classes=4, per_class=1, size=32)
     r = run_cli(["mix", "eval", str(tmp_path / "run"), "--data", str(other / "val")])
     assert r.code == 2 and "are not the classes" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_timm_export_folder_loads_in_timm_and_scores_like_evcli(folder: Path, tmp_path: Path):
+    import json
+
+    run = tmp_path / "vit"
+    code, err = _run(folder, run, "--model", "test_vit", "--patch-size", "4", "--ema")
+    assert code == 0, err
+    r = run_cli(["mix", "export", str(run), "--format", "timm", "--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)
+    out = Path(report["weights"]).parent
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and config["num_classes"] == 3
+    assert config["label_names"] == ["class_0", "class_1", "class_2"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32] and config["pretrained_cfg"]["crop_pct"] == 0.875
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    ours = __import__("evcli.api", fromlist=["load"]).load(report["weights"]).model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ours(x))  # timm's own loader gives the same network
+    # timm's preprocessing from the config is evcli's
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["interpolation"] == "bicubic"
+    # the EMA weights export too; an existing output is not replaced
+    r = run_cli(["mix", "export", str(run), "--which", "ema", "--json"])
+    assert r.code == 0 and json.loads(r.stdout)["which"] == "ema"
+    r = run_cli(["mix", "export", str(run), "--format", "timm"])
+    assert r.code == 2 and "not an empty folder" in r.stderr

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from evcli.io.checkpoint import read_metadata
 from evcli.ops.nm import is_nm
@@ -61,6 +62,21 @@ def test_best_is_chosen_only_among_evaluations_at_the_target_pattern(folder: Pat
     meta = read_metadata(res["weights"])
     assert meta["metrics"] == res["metrics"] and "measured on the exported weights" in meta["metrics_note"]
     assert meta["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)  # measured on the export, not the dense eval
+    # the packed N:M file verifies and loads back as the same network (its values are fp16)
+    packed = res["packed"]["packed_file"]
+    r = run_cli(["sparsify", "verify", packed, "--json"])
+    assert r.code == 0 and json.loads(r.stdout)["ok"], r.stderr
+    from safetensors.torch import load_file
+
+    from evcli import api
+
+    dense = load_file(res["weights"])
+    back = api.load(packed).model.state_dict()
+    for k, v in dense.items():
+        if ".evcli_site." in k:
+            continue
+        expected = v.half().float() if v.is_floating_point() else v
+        assert torch.equal(back[k].float() if v.is_floating_point() else back[k], expected), k
 
 
 def test_export_of_a_checkpoint_never_trained_at_the_pattern_warns_and_reports_its_own_score(

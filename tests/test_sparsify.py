@@ -122,10 +122,11 @@ def test_lbc_export_verify_pack_bench(folder: Path, tmp_path: Path):
     assert not out["ok"] and "layer1.0.conv1" in out["failing"]
     assert "error:" in r.stderr and "layer1.0.conv1" in r.stderr
 
-    r = run_cli(["sparsify", "bench", res["weights"], "--json"])
+    r = run_cli(["sparsify", "bench", res["weights"], "--batch", "1", "--batch", "4", "--iters", "2", "--json"])
     assert r.code == 0, r.stderr
     b = json.loads(r.stdout)
     assert "CPU" in b["runtime"] and "no CPU speedup is claimed" in b["speed_claim"] and b["speed"] == []
+    assert [t["batch"] for t in b["cpu_timing"]] == [1, 4] and all(t["ms"] > 0 for t in b["cpu_timing"])
     assert b["macs_sparse_ideal"] < b["macs_dense"] and b["targeted_nonzeros"] * 2 == b["targeted_weights"]
 
     r = run_cli(["sparsify", "eval", str(run / "final.safetensors"), "--json"])

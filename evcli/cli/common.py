@@ -33,6 +33,9 @@ SetOption = typer.Option(
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace output files that already exist.")
+WhichOption = typer.Option(
+    "best", "--which", help="Checkpoint to export: best, last, or ema (the last checkpoint's EMA weights)."
+)
 
 
 def flag(*names: str, help: str) -> Any:
@@ -234,16 +237,23 @@ def export_command(command: str) -> Callable[..., Any]:
         output: Path = typer.Option(
             None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
         ),
-        which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+        which: str = WhichOption,
+        format: str = typer.Option(
+            "safetensors",
+            "--format",
+            help="safetensors (one file), or timm: a folder with model.safetensors and config.json that "
+            'timm.create_model("local-dir:FOLDER", pretrained=True) loads.',
+        ),
         overwrite: bool = OverwriteOption,
         json_out: bool = JsonOption,
         quiet: bool = QuietOption,
     ) -> None:
-        """Export a run's checkpoint as plain weights (.safetensors), train-only parts dropped."""
+        """Export a run's checkpoint as plain weights, train-only parts dropped, with val metrics measured on
+        the export."""
         setup_output(quiet)
         from evcli import api
 
-        report = api.export(command, run, which, output, overwrite=overwrite)
+        report = api.export(command, run, which, output, overwrite=overwrite, format=format)
         rows = [
             ("from", report["checkpoint"]),
             ("step", str(report["step"])),

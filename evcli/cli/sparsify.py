@@ -14,6 +14,7 @@ from evcli.cli.common import (
     QuietOption,
     RecipeOption,
     SetOption,
+    WhichOption,
     classifier_eval_rows,
     classifier_flags,
     evaluate_weights,
@@ -177,7 +178,7 @@ def export(
     output: Path = typer.Option(
         None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
     ),
-    which: str = typer.Option("best", "--which", help="Checkpoint to export: best or last."),
+    which: str = WhichOption,
     overwrite: bool = OverwriteOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -264,7 +265,7 @@ def bench(
         None, "--batch", help="Batch sizes of the CUDA sweep (repeatable).", show_default=False
     ),
     img_size: int = typer.Option(None, "--img-size", help="Input size (default: the run's).", show_default=False),
-    iters: int = typer.Option(20, "--iters", help="Timed iterations per batch size (CUDA)."),
+    iters: int = typer.Option(20, "--iters", help="Timed iterations per batch size (at most 5 on CPU)."),
     cpu: bool = typer.Option(False, "--cpu", help="Report on CPU even when CUDA is available."),
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -305,5 +306,7 @@ def bench(
                 f"x{r['speedup']:.2f}" + (" (sparse is SLOWER)" if r["sparse_slower"] else ""),
             )
         )
+    for r in res.get("cpu_timing", []):
+        rows.append((f"batch {r['batch']} (CPU, dense kernels)", f"{r['ms']:.3f} ms, {r['img_per_s']:.1f} img/s"))
     rows.append(("speed", res["speed_claim"]))
     print_result(res, json_out, "evcli sparsify bench", rows)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from evcli.console import log
+from evcli.console import log, warn
 from evcli.errors import UsageError
 
 
@@ -78,6 +78,14 @@ def create_model(
         )
     if patch_size is not None and patch_size < 1:
         raise UsageError(f"model.patch_size must be >= 1, got {patch_size}")
+    arch, _, tag = name.partition(".")
+    if tag:
+        # a tag names pretrained weights; evcli never downloads: say so instead of a silent random init
+        warn(
+            f"model '{name}': the tag '{tag}' names pretrained weights, which evcli does not download; this model "
+            f"starts from random weights (give them with --weights FILE.safetensors, e.g. from the Hugging Face "
+            f"cache)"
+        )
     extra: dict[str, Any] = dict(kwargs or {})
     if drop_path:
         extra["drop_path_rate"] = drop_path

@@ -149,3 +149,19 @@ def packed_nbytes(packed: dict[str, torch.Tensor]) -> int:
 def expected_packed_ratio(n: int, m: int, value_bits: int = 16) -> float:
     """Packed size / dense size for an N:M weight at ``value_bits`` per value: N(v + ceil(log2 M)) / (M v)."""
     return n * (value_bits + index_bits(m)) / (m * value_bits)
+
+
+PACKED_PARTS = ("values", "indices", "shape", "nm")
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], layers: list[str]) -> dict[str, torch.Tensor]:
+    """The dense fp32 state dict of a packed N:M file (``kind: packed_nm``): every packed layer unpacked, every
+    other floating tensor back to fp32 (the packed file stores them in fp16)."""
+    state: dict[str, torch.Tensor] = {}
+    for key in layers:
+        state[key] = unpack_nm({part: tensors[f"{key}.{part}"] for part in PACKED_PARTS}, torch.float32)
+    parts = {f"{key}.{part}" for key in layers for part in PACKED_PARTS}
+    for key, t in tensors.items():
+        if key not in parts:
+            state[key] = t.float() if t.is_floating_point() else t
+    return state

@@ -109,7 +109,12 @@ def targeted_keys(meta: dict[str, Any], tensors: dict[str, torch.Tensor], m: int
 
 
 def _load_plain(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Plain weights of an exported, packed N:M or training file."""
     tensors, meta = read_safetensors(path, "weights file")
+    if meta.get("kind") == "packed_nm":
+        from evcli.ops.nm import unpack_state
+
+        return unpack_state(tensors, list(meta.get("packed_layers") or [])), meta
     return model_weights_from(tensors, meta), meta
 
 
@@ -306,6 +311,22 @@ def _time_ms(model: nn.Module, x: torch.Tensor, sync: Any) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _time_cpu(model: nn.Module, batches: list[int], size: int, iters: int) -> list[dict[str, Any]]:
+    """Median CPU latency of the model as exported (folded weights, dense kernels), fp32, per batch size."""
+    import statistics
+
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            for _ in range(2):
+                model(x)
+            times = [_time_ms(model, x, lambda: None) for _ in range(iters)]
+            ms = statistics.median(times)
+            rows.append({"batch": batch, "ms": ms, "img_per_s": batch / (ms / 1e3)})
+    return rows
+
+
 def bench_file(
     path: str | Path, batches: list[int], img_size: int | None = None, iters: int = 20, cpu: bool = False
 ) -> dict[str, Any]:
@@ -313,7 +334,8 @@ def bench_file(
 
     CUDA (unless ``cpu``): the targeted Linear layers of a 2:4 file are converted with
     ``torch.sparse.to_sparse_semi_structured`` and both models run in fp16 at every batch size, interleaved;
-    rows where sparse is slower say so. CPU: size, nonzeros and MACs, and no speed claim.
+    rows where sparse is slower say so. CPU: size, nonzeros, MACs and the latency of the exported model (which
+    runs the same dense kernels as a dense model would: no speed-up is claimed).
     """
     from evcli.methods.sparsify.layers import select_layers
     from evcli.ops.flops import COUNTER, count_macs
@@ -360,6 +382,7 @@ def bench_file(
     if not use_cuda:
         result["runtime"] = f"PyTorch {torch.__version__} eager, CPU ({torch.get_num_threads()} threads)"
         result["speed"] = []
+        result["cpu_timing"] = _time_cpu(model, batches, size, min(iters, 5))
         result["speed_claim"] = NO_CPU_CLAIM
         return result
     result.update(_bench_cuda(model, choice.selected, pattern, batches, size, iters))
