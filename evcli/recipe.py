@@ -115,8 +115,11 @@ class OptimConfig:
     """Optimizer of the model weights."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = 5e-4
-    lr_base_batch: int | None = None  # set: lr is scaled by global_batch / lr_base_batch
+    lr: float | None = 5e-4  # the learning rate, as given (absolute, whatever the batch)
+    # or: the learning rate at lr_base_batch images per optimizer step, scaled to the run's global batch (timm's
+    # --lr-base); set one of lr and lr_base: of the two, the one given by the more specific layer wins
+    lr_base: float | None = None
+    lr_base_batch: int | None = None  # the batch lr_base is given for (default 256)
     weight_decay: float = 0.05  # not applied to biases and norm weights
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
@@ -129,6 +132,7 @@ class OptimConfig:
 
     LIMITS: ClassVar[dict[str, str]] = {
         "lr": "> 0",
+        "lr_base": "> 0",
         "lr_base_batch": f">= 1, <= {MAX_BATCH}",
         "weight_decay": ">= 0",
         "momentum": "[0, 1)",
@@ -385,6 +389,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except RecipeError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # one type besides null: its own, more precise message
+            raise errors[0]
         raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
     if value is None:
         raise RecipeError(f"recipe key '{key}': expected {_type_name(tp)}, got null")
@@ -614,11 +620,15 @@ def resolve_recipe(
         layers.append(("--set", unflatten(set_values)))
 
     merged: dict[str, Any] = {}
-    for source, layer in layers:
+    given: dict[str, int] = {}  # optim.lr / optim.lr_base -> the last layer that set it
+    for index, (source, layer) in enumerate(layers):
         _check_keys(layer, sections_map, source)
-        for k in _flatten(layer):
+        for k, v in _flatten(layer).items():
             provenance[k] = source
+            if k in ("optim.lr", "optim.lr_base") and v is not None:
+                given[k] = index
         merged = _deep_merge(merged, layer)
+    _one_learning_rate(merged, given, layers)
 
     version = merged.pop("evcli", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
@@ -646,8 +656,33 @@ def resolve_recipe(
     return recipe
 
 
+def _one_learning_rate(merged: dict[str, Any], given: dict[str, int], layers: list) -> None:
+    """Keep one of ``optim.lr`` (absolute) and ``optim.lr_base`` (scaled to the global batch): the one given by
+    the more specific layer (``--lr`` over a recipe's ``lr_base``, a recipe's ``lr_base`` over a command's
+    default ``lr``); both in one layer is an error."""
+    optim = merged.get("optim")
+    if not isinstance(optim, dict) or optim.get("lr_base") is None:
+        return
+    lr_at, base_at = given.get("optim.lr", -1), given.get("optim.lr_base", -1)
+    if lr_at == base_at:
+        raise RecipeError(
+            f"optim.lr and optim.lr_base are both set in {layers[lr_at][0]}: set one",
+            hint="lr is the learning rate as given; lr_base is scaled by global batch / lr_base_batch",
+        )
+    optim["lr" if base_at > lr_at else "lr_base"] = None
+
+
+def effective_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The learning rate of a run: ``lr`` as given, or ``lr_base`` x global batch / ``lr_base_batch`` (256)."""
+    if optim.lr is not None:
+        return optim.lr
+    return optim.lr_base * global_batch / (optim.lr_base_batch or 256)
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Checks across keys that types and the per-key ``LIMITS`` alone cannot express."""
+    if recipe.optim.lr is None and recipe.optim.lr_base is None:
+        raise RecipeError("recipe key 'optim.lr' is not set (nor optim.lr_base): give a learning rate")
     scale = getattr(recipe.data, "scale", [0.5, 1.0])
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise RecipeError(f"recipe key 'data.scale' must be [min, max] with 0 < min <= max <= 1, got {scale}")

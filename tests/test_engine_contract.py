@@ -218,3 +218,21 @@ def test_a_command_may_replace_a_common_section():
     assert recipe.data.samples == 32 and not hasattr(recipe.data, "img_size")
     with pytest.raises(RecipeError, match="data.img_size"):
         api.resolve("toy-gan", sets=["data.img_size=32"])
+
+
+def test_one_meaning_of_lr(tmp_path: Path):
+    from evcli.recipe import effective_lr
+
+    mix = api.resolve("mix", flags={"data.batch_size": 32})
+    assert mix.optim.lr == 5e-4 and effective_lr(mix.optim, 4 * 32) == 5e-4  # as given, whatever the batch
+    sparse = api.resolve("sparsify")
+    assert sparse.optim.lr is None and effective_lr(sparse.optim, 512) == pytest.approx(0.2)  # 0.1 at 256
+    typed = api.resolve("sparsify", flags={"optim.lr": 0.05})  # --lr is as given in every command
+    assert typed.optim.lr_base is None and effective_lr(typed.optim, 512) == 0.05
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr_base: 1.0e-3\n  lr_base_batch: 512\n")
+    scaled = api.resolve("mix", recipe_file=recipe)  # a recipe's lr_base beats the command's default lr
+    assert scaled.optim.lr is None and effective_lr(scaled.optim, 1024) == pytest.approx(2e-3)
+    recipe.write_text("optim:\n  lr: 1.0e-3\n  lr_base: 1.0e-3\n")
+    with pytest.raises(RecipeError, match="both set"):
+        api.resolve("mix", recipe_file=recipe)

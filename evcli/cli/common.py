@@ -75,7 +75,12 @@ COMMON_TRAIN_FLAGS: list[Flag] = [
     Flag("epochs", int, flag("--epochs", help="Training epochs."), "schedule.epochs"),
     Flag("max_steps", int, flag("--max-steps", help="Stop after this many optimizer steps."), "schedule.max_steps"),
     Flag("batch_size", int, flag("--batch-size", "-b", help="Batch size per process."), "data.batch_size"),
-    Flag("lr", float, flag("--lr", help="Base learning rate."), "optim.lr"),
+    Flag(
+        "lr",
+        float,
+        flag("--lr", help="Learning rate, as given (--set optim.lr_base=X scales X by global batch / 256 instead)."),
+        "optim.lr",
+    ),
     Flag("seed", int, flag("--seed", help="Random seed."), "train.seed"),
     Flag(
         "mixed_precision",

@@ -132,7 +132,10 @@ OWN_FLAGS = [
     Flag(
         "lr",
         float,
-        flag("--lr", help="Learning rate at batch 256, scaled to the global batch (default: 0.1, SGD)."),
+        flag(
+            "--lr",
+            help="Learning rate, as given (default: optim.lr_base 0.1 at batch 256, scaled to the global batch).",
+        ),
         "optim.lr",
     ),
 ]

@@ -28,7 +28,7 @@ class TrainContext:
     micro_step: int = 0  # micro-batch within the current accumulation group
     steps_per_epoch: int = 1
     total_steps: int = 1
-    base_lr: float = 0.0  # the recipe's lr, scaled to the global batch when optim.lr_base_batch is set
+    base_lr: float = 0.0  # the recipe's lr (optim.lr as given, or optim.lr_base scaled to the global batch)
     modules: Modules | None = None
     training: bool = False  # a training run (False: evaluation, export, loading)
     classes: list[str] = field(default_factory=list)  # class names of the data (or of the loaded checkpoint)

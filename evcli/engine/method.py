@@ -81,7 +81,8 @@ class OptimizerSpec:
         params: parameters, or parameter groups (dicts with ``params`` and optional ``weight_decay``,
             ``lr_scale`` (a multiple of the optimizer's lr) and ``lr_factor`` (a function of the step,
             multiplied into the schedule: a method-owned part of the schedule, e.g. OptG's mask lr)).
-        lr: base learning rate (default: the recipe's ``optim.lr``, batch-scaled when ``lr_base_batch``).
+        lr: base learning rate, as given (default: the recipe's ``optim.lr``, or ``optim.lr_base`` scaled to the
+            global batch).
         optim: optimizer settings (default: the recipe's ``optim``).
         schedule: learning-rate schedule (default: the recipe's ``schedule``). The recipe's
             ``optim.overrides.<name>`` is applied over both.

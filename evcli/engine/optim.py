@@ -77,6 +77,8 @@ def settings_for(name: str, optim: OptimConfig, schedule: ScheduleConfig, overri
             )
     prefix = f"optim.overrides.{name}"
     o = {**dataclasses.asdict(optim), **{k: v for k, v in over.items() if k in optim_keys}, "overrides": {}}
+    if "lr" in over or "lr_base" in over:  # one learning rate: the override's form replaces the recipe's
+        o["lr_base" if "lr" in over else "lr"] = None
     s = {**dataclasses.asdict(schedule), **{k: v for k, v in over.items() if k in sched_keys}}
     return build_section(OptimConfig, o, prefix), build_section(ScheduleConfig, s, prefix)
 

@@ -57,7 +57,7 @@ from evcli.io.checkpoint import (
     save_safetensors,
     save_weights,
 )
-from evcli.recipe import Recipe, explain_provenance
+from evcli.recipe import Recipe, effective_lr, explain_provenance
 
 # Accelerate tracker name -> the package it needs
 TRACKER_PACKAGES = {
@@ -297,7 +297,7 @@ class Trainer:
         ctx.total_steps = min(full, r.schedule.max_steps) if r.schedule.max_steps else full
         global_batch = r.data.batch_size * self.world * r.train.grad_accum
         self.global_batch = global_batch
-        ctx.base_lr = self._scaled_lr(r.optim.lr, r.optim.lr_base_batch)
+        ctx.base_lr = effective_lr(r.optim, global_batch)
         self.build_modules()
         if self.resume_from is None:
             for state, source in self.initial_weights:
@@ -314,9 +314,6 @@ class Trainer:
         self._prepare(ema_state)
         self.train_loader = make_loader(self.data.train, self.train_sampler, workers, pin, collate)
         self.val_loaders = self.make_val_loaders()
-
-    def _scaled_lr(self, lr: float, base_batch: int | None) -> float:
-        return lr * (self.global_batch / base_batch if base_batch else 1.0)
 
     def _calibrate(self, collate: Any) -> None:
         r, acc = self.recipe, self.accelerator
@@ -355,7 +352,9 @@ class Trainer:
         for name, spec in specs.items():
             cfg, sched = settings_for(name, spec.optim or r.optim, spec.schedule or r.schedule, r.optim.overrides)
             over = r.optim.overrides.get(name) or {}
-            lr = over.get("lr", spec.lr if spec.lr is not None else cfg.lr)
+            # an override's lr / lr_base wins; else the method's own lr (as given); else the recipe's
+            own = spec.lr is not None and "lr" not in over and "lr_base" not in over
+            lr = spec.lr if own else effective_lr(cfg, self.global_batch)
             groups = parameters_of(spec.params)
             for g in groups:
                 for p in g["params"]:
@@ -364,9 +363,7 @@ class Trainer:
                             f"optimizer '{name}' holds a parameter of shape {list(p.shape)} that belongs to no "
                             "trained module (it would not be checkpointed or synchronised)"
                         )
-            self.named[name] = NamedOptimizer(
-                name, groups, cfg, sched, self._scaled_lr(lr, cfg.lr_base_batch), ctx.total_steps, ctx.steps_per_epoch
-            )
+            self.named[name] = NamedOptimizer(name, groups, cfg, sched, lr, ctx.total_steps, ctx.steps_per_epoch)
 
     def _prepare(self, ema_state: dict[str, dict[str, torch.Tensor]] | None) -> None:
         acc = self.accelerator

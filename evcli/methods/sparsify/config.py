@@ -45,8 +45,8 @@ def parse_nm_text(text: str) -> tuple[int, int]:
     defaults={
         "model.name": "resnet18",
         "optim.name": "sgd",
-        "optim.lr": 0.1,
-        "optim.lr_base_batch": 256,  # the papers' lr 0.1 at batch 256, scaled to the run's batch
+        "optim.lr_base": 0.1,  # the papers' lr 0.1 at batch 256, scaled to the run's global batch
+        "optim.lr_base_batch": 256,
         "optim.weight_decay": 1e-4,
         "optim.momentum": 0.9,
         "schedule.epochs": 4,
