@@ -52,8 +52,14 @@ def train(recipe: Recipe, method: Any = None, resume_from: Path | None = None, r
     initial = []
     if resume_from is None:
         m = recipe.model
+        if m.pretrained:  # timm's weights from the local Hugging Face cache; --init-from / --weights go over them
+            from evcli.models.timm_models import cached_pretrained
+
+            path = cached_pretrained(m.name)
+            initial.append((_read(path, "pretrained weights")[1], f"{m.name} pretrained ({path})"))
         for source, what in ((m.init_from, "init-from"), (m.weights, "weights file")):
             if source:
+                _check_model_folder(Path(source).expanduser(), m.name)
                 state, path = plain_weights(source, what)
                 initial.append((state, str(path)))
     explicit = recipe.out.dir is not None
@@ -247,6 +253,24 @@ def check_new_file(path: str | Path, overwrite: bool, inputs: Iterable[str | Pat
     return p
 
 
+def _check_model_folder(folder: Path, model_name: str) -> None:
+    """A timm model folder (``config.json`` + ``model.safetensors``) must describe this run's architecture."""
+    import json
+
+    config = folder / "config.json"
+    if not folder.is_dir() or not config.is_file():
+        return
+    try:
+        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
+    except (ValueError, OSError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {config}: not a JSON model config") from exc
+    if architecture and architecture.partition(".")[0] != model_name.partition(".")[0]:
+        raise UsageError(
+            f"{config} describes a '{architecture}', this run builds a '{model_name}'",
+            hint=f"use --model {architecture}, or weights of a {model_name}",
+        )
+
+
 def _few(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
 
@@ -271,8 +295,8 @@ def export(
 
     if which not in ("best", "last", "ema"):
         raise UsageError(f"--which must be best, last or ema, got {which!r}")
-    if format not in ("safetensors", "timm"):
-        raise UsageError(f"--format must be safetensors or timm, got {format!r}")
+    if format not in ("safetensors", "timm", "onnx"):
+        raise UsageError(f"--format must be safetensors, timm or onnx, got {format!r}")
     run = Path(run).expanduser()
     if run.is_dir():
         ckpt = run / "checkpoints" / f"{'last' if which == 'ema' else which}.safetensors"
@@ -288,7 +312,7 @@ def export(
     if meta.get("command") != command:
         raise UsageError(f"{ckpt} is an 'evcli {meta.get('command')}' checkpoint, not 'evcli {command}'")
     folder = run if run.is_dir() else ckpt.parent.parent
-    name = f"export-{which}" + ("-timm" if format == "timm" else ".safetensors")
+    name = f"export-{which}" + {"timm": "-timm", "onnx": ".onnx"}.get(format, ".safetensors")
     out = Path(output) if output else folder / name
     protected = [ckpt, *(folder / "checkpoints").glob("*.safetensors")]
     if format == "timm":
@@ -304,10 +328,16 @@ def export(
     live = loaded.method.model_metrics(loaded.modules, ctx)
     metrics, note = measure_weights(loaded.recipe, exported, list(ctx.classes))
     out_meta = {**loaded.trainer.checkpoint_meta(), "metrics": metrics, "metrics_note": note}
+    onnx_check = None
     if format == "timm":
         _write_timm_config(loaded, exported, out)
-    path = save_weights(weights_file, exported, out_meta)
+    if format == "onnx":
+        onnx_check = _write_onnx(loaded, exported, out)
+        path = out
+    else:
+        path = save_weights(weights_file, exported, out_meta)
     return {
+        **({"onnx_check": onnx_check} if onnx_check is not None else {}),
         "checkpoint": str(ckpt),
         "which": which,
         "step": ctx.step,
@@ -320,20 +350,109 @@ def export(
     }
 
 
+def _plain_model(loaded: Loaded, exported: dict[str, Any]) -> Any:
+    """The plain network as ``build`` makes it (no train-time swaps) holding the exported weights, eval mode."""
+    from evcli.engine.trainer import Trainer
+
+    plain = Trainer(loaded.recipe, method_for(loaded.recipe), None)
+    plain.ctx.classes = list(loaded.trainer.ctx.classes)
+    plain.build_modules()
+    model = plain.trained[loaded.method.weights_module]
+    model.load_state_dict(exported)
+    return model.eval()
+
+
+def _write_onnx(loaded: Loaded, exported: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Export the network to ONNX (dynamic batch) and check it against PyTorch on the run's val data with
+    onnxruntime when it is installed: max |logit| error and top-1 of both; a mismatch is an error."""
+    import importlib.util
+
+    import torch
+
+    shape = getattr(loaded.method, "onnx_input_shape", None)
+    if shape is None:
+        raise UsageError(f"--format onnx exports image classifiers; 'evcli {loaded.recipe.command}' is not one")
+    if importlib.util.find_spec("onnx") is None:
+        raise UsageError("--format onnx needs the 'onnx' package", hint='pip install "evcli[onnx]" (onnx, onnxruntime)')
+    model = _plain_model(loaded, exported)
+    example = torch.zeros(2, *shape(loaded.recipe))
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the TorchScript-based exporter: no onnxscript needed, deprecated in torch
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(out),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    except Exception as exc:  # an operator ONNX cannot carry: the exporter names it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        out.unlink(missing_ok=True)
+        raise UsageError(f"ONNX cannot carry this model: {first}") from exc
+    return _check_onnx(loaded, model, out)
+
+
+def _check_onnx(loaded: Loaded, model: Any, path: Path) -> dict[str, Any]:
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from evcli.engine.trainer import Trainer
+    from evcli.errors import DataError
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {"checked": False, "runtime": None, "note": "not checked: onnxruntime is not installed"}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runtime = f"onnxruntime {ort.__version__} CPUExecutionProvider"
+    trainer = Trainer(loaded.recipe, method_for(loaded.recipe), None)
+    try:
+        trainer.build_data()
+    except DataError as exc:
+        return {"checked": False, "runtime": runtime, "note": f"not checked: no val data here ({exc.message})"}
+    loader = next(iter(trainer.make_val_loaders().values()))
+    worst, hits_torch, hits_ort, n = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            ref = model(x).float()
+            got = torch.from_numpy(session.run(None, {"images": x.numpy().astype(np.float32)})[0])
+            worst = max(worst, float((ref - got).abs().max()))
+            hits_torch += int((ref.argmax(1) == y).sum())
+            hits_ort += int((got.argmax(1) == y).sum())
+            n += len(y)
+    check = {
+        "checked": True,
+        "runtime": runtime,
+        "images": n,
+        "max_abs_logit_error": worst,
+        "top1_pytorch": 100.0 * hits_torch / max(n, 1),
+        "top1_onnx": 100.0 * hits_ort / max(n, 1),
+    }
+    if worst > 1e-3 or abs(hits_torch - hits_ort) > max(1, n // 200):
+        from evcli.errors import EvcliError
+
+        raise EvcliError(
+            f"the ONNX export does not score like the PyTorch model on {runtime}: max logit error {worst:.3g}, "
+            f"top-1 {check['top1_onnx']:.2f}% vs {check['top1_pytorch']:.2f}%"
+        )
+    return check
+
+
 def _write_timm_config(loaded: Loaded, exported: dict[str, Any], folder: Path) -> None:
     """timm's config.json for the exported weights: the architecture with the arguments it was built with, the
     class names, and the preprocessing of the run (input size, mean / std, crop_pct, interpolation)."""
     from timm.models._hub import save_config_for_hf
 
-    from evcli.engine.trainer import Trainer
-
-    plain = Trainer(loaded.recipe, method_for(loaded.recipe), None)
-    plain.ctx.classes = list(loaded.trainer.ctx.classes)
-    plain.build_modules()  # the plain network, as `build` makes it (no train-time swaps)
-    model = plain.trained[loaded.method.weights_module]
+    model = _plain_model(loaded, exported)
     if not hasattr(model, "pretrained_cfg"):
         raise UsageError(f"--format timm is for timm models; 'evcli {loaded.recipe.command}' exports another kind")
-    model.load_state_dict(exported)
     r = loaded.recipe
     mean, std = getattr(loaded.method, "norm_mean", None), getattr(loaded.method, "norm_std", None)
     data_config = {

@@ -63,6 +63,7 @@ class ModelConfig:
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path: float = 0.0  # stochastic depth rate
     kwargs: dict = field(default_factory=dict)  # extra keyword arguments for timm.create_model
+    pretrained: bool = False  # timm's pretrained weights of `name` from the local Hugging Face cache (never downloads)
     weights: str | None = None  # local .safetensors file with pretrained weights
     weights_strict: bool = True  # false: load matching keys only and list the rest
     init_from: str | None = None  # run folder or checkpoint whose weights start this run

@@ -114,3 +114,69 @@ def test_timm_export_folder_loads_in_timm_and_scores_like_evcli(folder: Path, tm
     assert r.code == 0 and json.loads(r.stdout)["which"] == "ema"
     r = run_cli(["mix", "export", str(run), "--format", "timm"])
     assert r.code == 2 and "not an empty folder" in r.stderr
+
+
+def test_pretrained_loads_from_the_local_hugging_face_cache_only(folder: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--timm--test_resnet.r160_in1k"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    source = timm.create_model("test_resnet", num_classes=1000)
+    _save(source, snapshot / "model.safetensors")
+    args = ["--data", str(folder), "--img-size", "32", "-b", "4", "--workers", "0", "--max-steps", "1"]
+    args += ["--set", "mix.method=none", "--model", "test_resnet", "--pretrained"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVCLI_NO_PROGRESS": "1"}
+
+    def run(hub: Path, out: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "evcli", "mix", *args, "-o", str(tmp_path / out)]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_CACHE": str(hub)}, timeout=300)
+
+    found = run(cache, "found")
+    assert found.returncode == 0, found.stderr
+    assert "weights: loaded test_resnet pretrained" in found.stderr and "re-initialised (1000 classes" in found.stderr
+    missing = run(tmp_path / "empty", "missing")
+    assert missing.returncode == 3 and "not in the local Hugging Face cache" in missing.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_timm_export_folder_is_accepted_as_weights_and_checked(folder: Path, tmp_path: Path):
+    import json
+
+    run = tmp_path / "src"
+    code, err = _run(folder, run, "--model", "test_resnet")
+    assert code == 0, err
+    r = run_cli(["mix", "export", str(run), "--format", "timm", "--json"])
+    assert r.code == 0, r.stderr
+    exported = Path(json.loads(r.stdout)["weights"]).parent
+    code, err = _run(folder, tmp_path / "again", "--model", "test_resnet", "--weights", str(exported))
+    assert code == 0 and "weights: loaded" in err and "model.safetensors" in err
+    code, err = _run(folder, tmp_path / "other", "--model", "test_vit", "--weights", str(exported))
+    assert code == 2 and "describes a 'test_resnet', this run builds a 'test_vit'" in err
+    assert not (tmp_path / "other").exists()
+
+
+def test_onnx_export_scores_like_pytorch(folder: Path, tmp_path: Path):
+    import json
+
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "onnx"
+    code, err = _run(folder, run, "--model", "test_resnet")
+    assert code == 0, err
+    r = run_cli(["mix", "export", str(run), "--format", "onnx", "--json"])
+    assert r.code == 0, r.stderr
+    report = json.loads(r.stdout)
+    check = report["onnx_check"]
+    assert check["checked"] and check["runtime"].startswith("onnxruntime") and check["images"] == 6
+    assert check["max_abs_logit_error"] < 1e-3 and check["top1_onnx"] == check["top1_pytorch"]
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(report["weights"], providers=["CPUExecutionProvider"])
+    out = session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0]
+    assert out.shape == (5, 3)  # a dynamic batch

@@ -155,6 +155,16 @@ def classifier_flags(default_model: str) -> list[Flag]:
             "data.path",
         ),
         Flag(
+            "pretrained",
+            bool,
+            flag(
+                "--pretrained",
+                help="Start from timm's pretrained weights of --model (a tag picks them: resnet50.a1_in1k), read "
+                "from the local Hugging Face cache; never downloads.",
+            ),
+            "model.pretrained",
+        ),
+        Flag(
             "skip_corrupt",
             bool,
             flag("--skip-corrupt", help="Skip unreadable images with a warning."),
@@ -246,8 +256,9 @@ def export_command(command: str) -> Callable[..., Any]:
         format: str = typer.Option(
             "safetensors",
             "--format",
-            help="safetensors (one file), or timm: a folder with model.safetensors and config.json that "
-            'timm.create_model("local-dir:FOLDER", pretrained=True) loads.',
+            help="safetensors (one file); timm: a folder with model.safetensors and config.json that "
+            'timm.create_model("local-dir:FOLDER", pretrained=True) loads; onnx: an ONNX file, checked against '
+            "PyTorch on the val data with onnxruntime when installed.",
         ),
         overwrite: bool = OverwriteOption,
         json_out: bool = JsonOption,
@@ -266,6 +277,17 @@ def export_command(command: str) -> Callable[..., Any]:
             ("tensors", str(report["tensors"])),
             *export_metric_rows(report),
         ]
+        check = report.get("onnx_check")
+        if check is not None:
+            rows.append(
+                (
+                    "ONNX check",
+                    f"{check['runtime']}: max logit error {check['max_abs_logit_error']:.2e}, top-1 "
+                    f"{check['top1_onnx']:.2f}% (PyTorch {check['top1_pytorch']:.2f}%) on {check['images']} images"
+                    if check["checked"]
+                    else check["note"],
+                )
+            )
         print_result(report, json_out, f"evcli {command} export", rows)
 
     return export

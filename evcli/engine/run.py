@@ -122,6 +122,7 @@ def resolve_weights_source(source: str | Path) -> Path:
     p = Path(source).expanduser()
     if p.is_dir():
         for candidate in (
+            p / "model.safetensors",  # a timm / Hugging Face model folder (evcli X export --format timm)
             p / "final.safetensors",
             p / "checkpoints" / "best.safetensors",
             p / "checkpoints" / "last.safetensors",

@@ -44,6 +44,11 @@ class ClassifierMethod(Method):
             r.data, r.data.img_size, self.norm_mean, self.norm_std, r.train.seed, eval_only=not ctx.training
         )
 
+    @staticmethod
+    def onnx_input_shape(recipe: Any) -> tuple[int, int, int]:
+        """The input of one image (``export --format onnx``)."""
+        return (3, recipe.data.img_size, recipe.data.img_size)
+
     def num_classes(self, ctx: Any) -> int:
         return self.recipe.model.num_classes or len(ctx.classes)
 
@@ -59,6 +64,7 @@ class ClassifierMethod(Method):
             drop_rate=m.drop_rate,
             drop_path=m.drop_path,
             kwargs=m.kwargs,
+            warn_tag=not m.pretrained,
         )
         return {"model": model}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,8 +59,9 @@ def create_model(
     drop_rate: float = 0.0,
     drop_path: float = 0.0,
     kwargs: dict[str, Any] | None = None,
+    warn_tag: bool = True,
 ) -> torch.nn.Module:
-    """Create a timm model with random weights (never downloads).
+    """Create a timm model with random weights (never downloads; ``warn_tag``: say so for a tagged name).
 
     ``img_size`` is passed to models that take it (ViTs); ``patch_size`` defaults to the model's own,
     except below 64 px where an 8x8 grid is chosen (logged).
@@ -79,7 +81,7 @@ def create_model(
     if patch_size is not None and patch_size < 1:
         raise UsageError(f"model.patch_size must be >= 1, got {patch_size}")
     arch, _, tag = name.partition(".")
-    if tag:
+    if tag and warn_tag:
         # a tag names pretrained weights; evcli never downloads: say so instead of a silent random init
         warn(
             f"model '{name}': the tag '{tag}' names pretrained weights, which evcli does not download; this model "
@@ -130,6 +132,34 @@ def create_model(
     if "patch_size" in sized and patch_size is None:
         log(f"model: patch_size {sized['patch_size']} for {img_size} px images (set model.patch_size to change)")
     return model
+
+
+def cached_pretrained(name: str) -> Path:
+    """The local Hugging Face cache's ``model.safetensors`` of timm model ``name`` (a tag picks the weights, else
+    timm's default tag). Nothing is downloaded.
+
+    Raises:
+        UsageError: the model has no pretrained weights in timm.
+        CheckpointError: the weights are not in the local cache.
+    """
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    from evcli.errors import CheckpointError
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise UsageError(f"timm has no pretrained weights for '{name}' on the Hugging Face hub")
+    found = try_to_load_from_cache(hub_id, "model.safetensors")
+    if not isinstance(found, str):
+        raise CheckpointError(
+            f"the pretrained weights of '{name}' ({hub_id}) are not in the local Hugging Face cache; evcli never "
+            "downloads",
+            hint=f"where there is network, python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
+            "fills the cache; or give the weights with --weights FILE.safetensors",
+        )
+    return Path(found)
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
