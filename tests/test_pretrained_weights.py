@@ -129,12 +129,15 @@ def test_pretrained_loads_from_the_local_hugging_face_cache_only(folder: Path, t
     (repo / "refs" / "main").write_text("0123456789abcdef")
     source = timm.create_model("test_resnet", num_classes=1000)
     _save(source, snapshot / "model.safetensors")
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(source, str(snapshot / "config.json"))
     args = ["--data", str(folder), "--img-size", "32", "-b", "4", "--workers", "0", "--max-steps", "1"]
-    args += ["--set", "mix.method=none", "--model", "test_resnet", "--pretrained"]
+    args += ["--set", "mix.method=none", "--pretrained"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EVCLI_NO_PROGRESS": "1"}
 
-    def run(hub: Path, out: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "evcli", "mix", *args, "-o", str(tmp_path / out)]
+    def run(hub: Path, out: str, model: str = "test_resnet") -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "evcli", "mix", *args, "--model", model, "-o", str(tmp_path / out)]
         return subprocess.run(cmd, capture_output=True, text=True, env={**env, "HF_HUB_CACHE": str(hub)}, timeout=300)
 
     found = run(cache, "found")
@@ -143,6 +146,11 @@ def test_pretrained_loads_from_the_local_hugging_face_cache_only(folder: Path, t
     missing = run(tmp_path / "empty", "missing")
     assert missing.returncode == 3 and "not in the local Hugging Face cache" in missing.stderr
     assert not (tmp_path / "missing").exists()
+    hub = run(cache, "from_hub", model="hf-hub:timm/test_resnet.r160_in1k")  # architecture from the cached config
+    assert hub.returncode == 0, hub.stderr
+    assert "weights: loaded hf-hub:timm/test_resnet.r160_in1k pretrained" in hub.stderr
+    gone = run(tmp_path / "empty", "gone", model="hf-hub:timm/test_resnet.r160_in1k")
+    assert gone.returncode == 3 and "not in the local Hugging Face cache" in gone.stderr
 
 
 def test_a_timm_export_folder_is_accepted_as_weights_and_checked(folder: Path, tmp_path: Path):
@@ -180,3 +188,12 @@ def test_onnx_export_scores_like_pytorch(folder: Path, tmp_path: Path):
     session = ort.InferenceSession(report["weights"], providers=["CPUExecutionProvider"])
     out = session.run(None, {"images": np.zeros((5, 3, 32, 32), np.float32)})[0]
     assert out.shape == (5, 3)  # a dynamic batch
+
+
+def test_grayscale_weights_have_their_first_conv_adapted(folder: Path, tmp_path: Path):
+    source = timm.create_model("test_resnet", num_classes=3, in_chans=1)
+    code, err = _run(
+        folder, tmp_path / "g", "--model", "test_resnet", "--weights", str(_save(source, tmp_path / "g.st"))
+    )
+    assert code == 0, err
+    assert "conv1.0.weight adapted from 1 to 3 input channels" in err

@@ -77,6 +77,12 @@ def test_best_is_chosen_only_among_evaluations_at_the_target_pattern(folder: Pat
             continue
         expected = v.half().float() if v.is_floating_point() else v
         assert torch.equal(back[k].float() if v.is_floating_point() else back[k], expected), k
+    # the folded sparse model as ONNX scores like PyTorch (onnxruntime, when installed)
+    pytest.importorskip("onnxruntime")
+    r = run_cli(["sparsify", "export", str(run), "--format", "onnx", "-o", str(run / "sparse.onnx"), "--json"])
+    assert r.code == 0, r.stderr
+    check = json.loads(r.stdout)["onnx_check"]
+    assert check["checked"] and check["max_abs_logit_error"] < 1e-3 and check["top1_onnx"] == check["top1_pytorch"]
 
 
 def test_export_of_a_checkpoint_never_trained_at_the_pattern_warns_and_reports_its_own_score(

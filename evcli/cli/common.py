@@ -33,6 +33,13 @@ SetOption = typer.Option(
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace output files that already exist.")
+FormatOption = typer.Option(
+    "safetensors",
+    "--format",
+    help="safetensors (one file); timm: a folder with model.safetensors and config.json that "
+    'timm.create_model("local-dir:FOLDER", pretrained=True) loads; onnx: an ONNX file, checked against '
+    "PyTorch on the val data with onnxruntime when installed.",
+)
 WhichOption = typer.Option(
     "best", "--which", help="Checkpoint to export: best, last, or ema (the last checkpoint's EMA weights)."
 )
@@ -253,13 +260,7 @@ def export_command(command: str) -> Callable[..., Any]:
             None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
         ),
         which: str = WhichOption,
-        format: str = typer.Option(
-            "safetensors",
-            "--format",
-            help="safetensors (one file); timm: a folder with model.safetensors and config.json that "
-            'timm.create_model("local-dir:FOLDER", pretrained=True) loads; onnx: an ONNX file, checked against '
-            "PyTorch on the val data with onnxruntime when installed.",
-        ),
+        format: str = FormatOption,
         overwrite: bool = OverwriteOption,
         json_out: bool = JsonOption,
         quiet: bool = QuietOption,
@@ -270,27 +271,33 @@ def export_command(command: str) -> Callable[..., Any]:
         from evcli import api
 
         report = api.export(command, run, which, output, overwrite=overwrite, format=format)
-        rows = [
-            ("from", report["checkpoint"]),
-            ("step", str(report["step"])),
-            ("weights", report["weights"]),
-            ("tensors", str(report["tensors"])),
-            *export_metric_rows(report),
-        ]
-        check = report.get("onnx_check")
-        if check is not None:
-            rows.append(
-                (
-                    "ONNX check",
-                    f"{check['runtime']}: max logit error {check['max_abs_logit_error']:.2e}, top-1 "
-                    f"{check['top1_onnx']:.2f}% (PyTorch {check['top1_pytorch']:.2f}%) on {check['images']} images"
-                    if check["checked"]
-                    else check["note"],
-                )
-            )
+        rows = export_rows(report)
         print_result(report, json_out, f"evcli {command} export", rows)
 
     return export
+
+
+def export_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The result table of an export: source, file, its own metrics and (ONNX) the runtime check."""
+    rows = [
+        ("from", report["checkpoint"]),
+        ("step", str(report["step"])),
+        ("weights", report["weights"]),
+        ("tensors", str(report["tensors"])),
+        *export_metric_rows(report),
+    ]
+    check = report.get("onnx_check")
+    if check is not None:
+        rows.append(
+            (
+                "ONNX check",
+                f"{check['runtime']}: max logit error {check['max_abs_logit_error']:.2e}, top-1 "
+                f"{check['top1_onnx']:.2f}% (PyTorch {check['top1_pytorch']:.2f}%) on {check['images']} images"
+                if check["checked"]
+                else check["note"],
+            )
+        )
+    return rows
 
 
 def export_metric_rows(report: dict[str, Any]) -> list[tuple[str, str]]:

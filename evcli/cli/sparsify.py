@@ -9,6 +9,7 @@ import typer
 
 from evcli.cli.common import (
     Flag,
+    FormatOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
@@ -19,6 +20,7 @@ from evcli.cli.common import (
     classifier_flags,
     evaluate_weights,
     export_metric_rows,
+    export_rows,
     flag,
     print_result,
     setup_output,
@@ -182,12 +184,20 @@ def export(
         None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
     ),
     which: str = WhichOption,
+    format: str = FormatOption,
     overwrite: bool = OverwriteOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Export with masks folded in (scores/masks dropped), verify it, write the packed N:M file and the chart."""
+    """Export with masks folded in (scores/masks dropped), verify it, write the packed N:M file and the chart;
+    or (--format timm / onnx) the folded model as a timm folder or an ONNX file."""
     setup_output(quiet)
+    if format != "safetensors":
+        from evcli import api
+
+        report = api.export("sparsify", run, which, output, overwrite=overwrite, format=format)
+        print_result(report, json_out, "evcli sparsify export", export_rows(report))
+        return
     from evcli.methods.sparsify.report import export_run
 
     res = export_run(run, which, output, overwrite=overwrite)

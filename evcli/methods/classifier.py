@@ -18,7 +18,12 @@ def norm_stats(recipe: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     try:
         import timm
 
-        if timm.is_model(recipe.model.name):
+        from evcli.models.timm_models import HUB_PREFIX, hub_config
+
+        if recipe.model.name.startswith(HUB_PREFIX):
+            cfg = hub_config(recipe.model.name).get("pretrained_cfg", {})
+            mean, std = tuple(cfg.get("mean", mean)), tuple(cfg.get("std", std))
+        elif timm.is_model(recipe.model.name):
             cfg = timm.models.get_pretrained_cfg(recipe.model.name)
             if cfg is not None:
                 mean, std = tuple(cfg.mean), tuple(cfg.std)
@@ -70,8 +75,9 @@ class ClassifierMethod(Method):
 
     def adapt_weights(self, state: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict, list[str]]:
         """As timm loads pretrained weights: a classifier for another class count is left out (the model's own,
-        freshly initialised head stays); ViT position embeddings are resampled to the run's token grid and
-        patch-embedding kernels to its patch size (timm's own resampling). Anything else must fit exactly."""
+        freshly initialised head stays); the first conv of weights for another number of input channels
+        (grayscale) is adapted; ViT position embeddings are resampled to the run's token grid and patch-embedding
+        kernels to its patch size (timm's own helpers). Anything else must fit exactly."""
         from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
         own, notes = module.state_dict(), []
@@ -95,6 +101,15 @@ class ClassifierMethod(Method):
                 notes.append(
                     f"pos_embed resampled {list(pos.shape)} -> {list(own['pos_embed'].shape)} (token grid {grid})"
                 )
+        first = (getattr(module, "pretrained_cfg", None) or {}).get("first_conv")
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        key = f"{first}.weight" if first else None
+        w = state.get(key) if key else None
+        if w is not None and key in own and w.ndim == 4 and w.shape[1] != own[key].shape[1]:
+            from timm.models._manipulate import adapt_input_conv
+
+            state[key] = adapt_input_conv(own[key].shape[1], w, base_chans=w.shape[1])
+            notes.append(f"{key} adapted from {w.shape[1]} to {own[key].shape[1]} input channels")
         key = "patch_embed.proj.weight"
         w = state.get(key)
         if w is not None and key in own and w.shape[:2] == own[key].shape[:2] and w.shape != own[key].shape:

@@ -51,6 +51,32 @@ def check_patch_grid(model: torch.nn.Module, name: str) -> None:
             )
 
 
+HUB_PREFIX = "hf-hub:"
+
+
+def hub_config(name: str) -> dict[str, Any]:
+    """The timm ``config.json`` of an ``hf-hub:<repo>`` model name, from the local Hugging Face cache only.
+
+    Raises:
+        CheckpointError: the config is not in the local cache (evcli never downloads).
+    """
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from evcli.errors import CheckpointError
+
+    repo = name[len(HUB_PREFIX) :]
+    found = try_to_load_from_cache(repo, "config.json")
+    if not isinstance(found, str):
+        raise CheckpointError(
+            f"model '{name}': its config.json is not in the local Hugging Face cache; evcli never downloads",
+            hint=f"where there is network, python -c \"import timm; timm.create_model('{name}', pretrained=True)\" "
+            "fills the cache",
+        )
+    return json.loads(Path(found).read_text(encoding="utf-8"))
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -72,6 +98,13 @@ def create_model(
     """
     import timm
 
+    if name.startswith(HUB_PREFIX):  # the architecture and its arguments from the cached config.json
+        config = hub_config(name)
+        kwargs = {**config.get("model_args", {}), **(kwargs or {})}
+        for key in ("img_size", "patch_size", "num_classes", "drop_rate", "drop_path_rate"):
+            kwargs.pop(key, None)  # the run's own
+        name = config["architecture"]
+        warn_tag = False
     if not timm.is_model(name):
         close = suggest_models(name)
         raise UsageError(
@@ -147,8 +180,11 @@ def cached_pretrained(name: str) -> Path:
 
     from evcli.errors import CheckpointError
 
-    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
-    hub_id = getattr(cfg, "hf_hub_id", None)
+    if name.startswith(HUB_PREFIX):
+        hub_id = name[len(HUB_PREFIX) :]
+    else:
+        cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+        hub_id = getattr(cfg, "hf_hub_id", None)
     if not hub_id:
         raise UsageError(f"timm has no pretrained weights for '{name}' on the Hugging Face hub")
     found = try_to_load_from_cache(hub_id, "model.safetensors")
