@@ -33,6 +33,10 @@ SetOption = typer.Option(
 JsonOption = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 QuietOption = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr.")
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace output files that already exist.")
+RunArgument = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False)
+ExportOutputOption = typer.Option(
+    None, "--output", "-o", help="Output (default: RUN/export-<which>.safetensors, -timm/, .onnx).", show_default=False
+)
 FormatOption = typer.Option(
     "safetensors",
     "--format",
@@ -255,10 +259,8 @@ def export_command(command: str) -> Callable[..., Any]:
     """``evcli X export RUN``: a run's checkpoint through the method's export, as plain weights."""
 
     def export(
-        run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
-        output: Path = typer.Option(
-            None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
-        ),
+        run: Path = RunArgument,
+        output: Path = ExportOutputOption,
         which: str = WhichOption,
         format: str = FormatOption,
         overwrite: bool = OverwriteOption,

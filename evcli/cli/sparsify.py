@@ -8,12 +8,14 @@ from pathlib import Path
 import typer
 
 from evcli.cli.common import (
+    ExportOutputOption,
     Flag,
     FormatOption,
     JsonOption,
     OverwriteOption,
     QuietOption,
     RecipeOption,
+    RunArgument,
     SetOption,
     WhichOption,
     classifier_eval_rows,
@@ -179,10 +181,8 @@ def evaluate(
 
 @app.command("export")
 def export(
-    run: Path = typer.Argument(..., help="Run folder (or a training checkpoint file).", show_default=False),
-    output: Path = typer.Option(
-        None, "--output", "-o", help="Output file (default: RUN/export-<which>.safetensors).", show_default=False
-    ),
+    run: Path = RunArgument,
+    output: Path = ExportOutputOption,
     which: str = WhichOption,
     format: str = FormatOption,
     overwrite: bool = OverwriteOption,
