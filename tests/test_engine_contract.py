@@ -236,3 +236,5 @@ def test_one_meaning_of_lr(tmp_path: Path):
     recipe.write_text("optim:\n  lr: 1.0e-3\n  lr_base: 1.0e-3\n")
     with pytest.raises(RecipeError, match="both set"):
         api.resolve("mix", recipe_file=recipe)
+    r = run_cli(["mix", *TINY_ARGS, "--lr", "0.1", "--lr-base", "0.1", "-o", str(tmp_path / "both")])
+    assert r.code == 2 and "optim.lr and optim.lr_base are both set in flags" in r.stderr

@@ -89,8 +89,16 @@ COMMON_TRAIN_FLAGS: list[Flag] = [
     Flag(
         "lr",
         float,
-        flag("--lr", help="Learning rate, as given (--set optim.lr_base=X scales X by global batch / 256 instead)."),
+        flag("--lr", help="Learning rate, as given (or --lr-base)."),
         "optim.lr",
+    ),
+    Flag(
+        "lr_base",
+        float,
+        flag(
+            "--lr-base", help="Learning rate at optim.lr_base_batch (256) images per step, scaled to the global batch."
+        ),
+        "optim.lr_base",
     ),
     Flag("seed", int, flag("--seed", help="Random seed."), "train.seed"),
     Flag(
