@@ -127,13 +127,6 @@ OWN_FLAGS = [
     ),
     *classifier_flags("resnet18"),
     Flag(
-        "init_from",
-        Path,
-        flag("--init-from", help="Start from a (dense) run's weights: run folder or .safetensors."),
-        "model.init_from",
-    ),
-    Flag("epochs", int, flag("--epochs", help="Training epochs (default: 4)."), "schedule.epochs"),
-    Flag(
         "lr",
         float,
         flag(
