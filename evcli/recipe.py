@@ -80,7 +80,7 @@ class ModelConfig:
 class DataConfig:
     """Where the images come from and how they are augmented."""
 
-    path: str | None = None  # ImageFolder root with train/ and val/; null = built-in data
+    path: str | None = None  # ImageFolder root with train/ and val/ (or MNIST-style IDX files); null = built-in
     builtin: Literal["digits"] = "digits"  # built-in real images used when `path` is null
     img_size: int | None = None  # default: 224 for an ImageFolder, 32 for the built-in data
     batch_size: int = 64  # per process

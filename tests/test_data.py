@@ -122,3 +122,50 @@ def test_sampler_shards_and_resumes():
     ev = [ShardedBatchSampler(23, 4, rank=r, world=2, train=False) for r in range(2)]
     seen = sorted(i for s in ev for batch in s for _, i in batch)
     assert seen == list(range(23))  # evaluation sees every sample exactly once
+
+
+def _write_idx(root: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:
+    import gzip
+    import struct
+
+    opener = gzip.open if gz else open
+    ext = ".gz" if gz else ""
+    with opener(root / f"{prefix}-images-idx3-ubyte{ext}", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, *images.shape) + images.astype(np.uint8).tobytes())
+    with opener(root / f"{prefix}-labels-idx1-ubyte{ext}", "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_is_train_and_t10k(tmp_path: Path, gz: bool):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    train_imgs = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    _write_idx(root, "train", train_imgs, np.arange(12) % 10, gz)
+    _write_idx(root, "t10k", rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5) % 10, gz)
+    data = _data(root)
+    assert len(data.train) == 12 and len(data.val) == 5
+    assert data.classes[:2] == ["t-shirt", "trouser"]  # a folder named fashion-mnist gets Fashion-MNIST's names
+    x, y = data.val[(0, 3)]
+    assert x.shape == (3, 16, 16) and y == 3
+    src = data.train.source
+    assert np.array_equal(np.asarray(src.load(7))[..., 0], train_imgs[7])  # pixels read where the header says
+
+
+def test_idx_folder_errors(tmp_path: Path):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    imgs = np.zeros((4, 8, 8), np.uint8)
+    _write_idx(root, "train", imgs, np.arange(4), gz=False)
+    with pytest.raises(DataError, match="no t10k-images-idx3-ubyte"):
+        _data(root)
+    _write_idx(root, "t10k", imgs, np.arange(4), gz=False)
+    assert _data(root).classes == ["0", "1", "2", "3"]
+    path = root / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        _data(root)
+    path.write_bytes(b"\x00\x00\x08\x01" + bytes(20))
+    with pytest.raises(DataError, match="not an IDX file"):
+        _data(root)

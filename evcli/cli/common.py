@@ -170,7 +170,12 @@ def classifier_flags(default_model: str) -> list[Flag]:
         Flag(
             "data",
             Path,
-            flag("--data", "-d", help="ImageFolder root with train/ and val/ (default: built-in digits)."),
+            flag(
+                "--data",
+                "-d",
+                help="ImageFolder root with train/ and val/, or an MNIST-style folder of IDX files (Fashion-MNIST); "
+                "default: built-in digits.",
+            ),
             "data.path",
         ),
         Flag(

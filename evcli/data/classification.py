@@ -1,4 +1,4 @@
-"""Image classification data: ImageFolder layouts and the built-in digits.
+"""Image classification data: ImageFolder layouts, MNIST-style IDX folders and the built-in digits.
 
 Every sample's augmentation is seeded by (run seed, epoch, sample index) (``evcli.data.loading``).
 """
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from evcli.console import warn
 from evcli.data.loading import mix_seed, seeded_rng
+from evcli.data.idx import idx_classes, is_idx_folder, load_idx_split
 from evcli.errors import DataError
 from evcli.io.images import is_image_file, load_rgb, verify_image
 
@@ -122,6 +123,14 @@ def builtin_digits() -> tuple[ArraySource, ArraySource]:
     )
 
 
+def idx_sources(root: Path) -> tuple[ArraySource, ArraySource]:
+    """An MNIST-style IDX folder (MNIST, Fashion-MNIST) as (train, val = the t10k files)."""
+    train_images, train_labels = load_idx_split(root, "train")
+    val_images, val_labels = load_idx_split(root, "val")
+    classes = idx_classes(root, np.concatenate([train_labels, val_labels]))
+    return ArraySource(train_images, train_labels, classes), ArraySource(val_images, val_labels, classes)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dataset and sampler
 
@@ -191,7 +200,8 @@ def build_classification_data(
         DataError: missing folder, no class folders, no images, val classes not in train.
     """
     train_tf, eval_tf = build_transforms(cfg, img_size, mean, std)
-    plain = cfg.path is not None and eval_only and Path(cfg.path).expanduser().is_dir()
+    idx = cfg.path is not None and is_idx_folder(Path(cfg.path).expanduser())
+    plain = cfg.path is not None and eval_only and not idx and Path(cfg.path).expanduser().is_dir()
     if plain and not (Path(cfg.path).expanduser() / "val").is_dir():
         root = Path(cfg.path).expanduser()
         val_src = FolderSource(root, skip_corrupt=cfg.skip_corrupt)
@@ -205,6 +215,9 @@ def build_classification_data(
     if cfg.path is None:
         train_src, val_src = builtin_digits()
         description = f"built-in digits ({BUILTIN_DESCRIPTION})"
+    elif is_idx_folder(Path(cfg.path).expanduser()):
+        train_src, val_src = idx_sources(Path(cfg.path).expanduser())
+        description = f"MNIST-style IDX folder {Path(cfg.path).expanduser()} (train files / t10k files)"
     else:
         root = Path(cfg.path).expanduser()
         if not root.exists():
@@ -212,7 +225,10 @@ def build_classification_data(
         if not root.is_dir():
             raise DataError(f"--data must be a folder with train/ and val/ inside, got a file: {root}")
         if not (root / "train").is_dir():
-            raise DataError(f"no train/ folder in {root} (expected {root}/train/<class>/<image>)")
+            raise DataError(
+                f"no train/ folder in {root} (expected {root}/train/<class>/<image>, or the MNIST-style "
+                "train-images-idx3-ubyte[.gz] files)"
+            )
         if not (root / "val").is_dir():
             raise DataError(f"no val/ folder in {root} (expected {root}/val/<class>/<image>)")
         train_src = FolderSource(root / "train", skip_corrupt=cfg.skip_corrupt)
