@@ -1,0 +1,129 @@
+"""Generators and discriminators of ``evcli distill-gan``: the mobile ResNet-9 generator (CRD's teacher and
+student at any width), the standard CycleGAN ResNet-9 generator, and the 70x70 PatchGAN discriminator.
+
+All take and return images in [-1, 1]. InstanceNorm has no affine parameters and every convolution followed
+by it keeps its bias (the CycleGAN code base's convention); weights start from N(0, 0.02).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GENERATOR_ARCHS = ("mobile_resnet", "resnet")
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise 3x3 -> InstanceNorm -> pointwise 1x1 (MobileNet-style separable convolution)."""
+
+    def __init__(self, channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size, groups=channels, bias=True),
+            nn.InstanceNorm2d(channels),
+            nn.Conv2d(channels, out_channels, 1, bias=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad1, conv3x3, IN, ReLU, (dropout), pad1, conv3x3, IN]; ``mobile`` swaps the convs for separable
+    ones (MobileResnetBlock)."""
+
+    def __init__(self, dim: int, mobile: bool, dropout: float = 0.0):
+        super().__init__()
+
+        def conv() -> nn.Module:
+            return SeparableConv2d(dim, dim) if mobile else nn.Conv2d(dim, dim, 3, bias=True)
+
+        layers: list[nn.Module] = [nn.ReflectionPad2d(1), conv(), nn.InstanceNorm2d(dim), nn.ReLU(True)]
+        if dropout > 0 or mobile:  # the mobile block always carries its (p=0 by default) dropout
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.ReflectionPad2d(1), conv(), nn.InstanceNorm2d(dim)]
+        self.conv_block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """CycleGAN's ResNet generator: c7s1-ngf, d2ngf, d4ngf, ``n_blocks`` residual blocks at 4ngf, u2ngf, ungf,
+    c7s1-3, tanh. ``arch="mobile_resnet"`` uses separable convolutions in the blocks (GAN Compression / OMGD /
+    CRD's MobileResnetGenerator)."""
+
+    def __init__(self, ngf: int = 64, arch: str = "mobile_resnet", n_blocks: int = 9, in_ch: int = 3, out_ch: int = 3):
+        super().__init__()
+        if arch not in GENERATOR_ARCHS:
+            raise ValueError(f"unknown generator architecture {arch!r}")
+        self.ngf, self.arch, self.n_blocks = ngf, arch, n_blocks
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_ch, ngf, 7, bias=True),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
+        for i in range(2):
+            c = ngf * 2**i
+            layers += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=True), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
+        layers += [ResnetBlock(4 * ngf, mobile=arch == "mobile_resnet") for _ in range(n_blocks)]
+        for i in range(2):
+            c = ngf * 2 ** (2 - i)
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1, bias=True),
+                nn.InstanceNorm2d(c // 2),
+                nn.ReLU(True),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, out_ch, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class NLayerDiscriminator(nn.Module):
+    """70x70 PatchGAN (n_layers=3): C64(s2, no norm) - C128(s2) - C256(s2) - C512(s1) - C1(s1), 4x4 kernels,
+    padding 1, LeakyReLU 0.2, InstanceNorm."""
+
+    def __init__(self, in_ch: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=True),
+                nn.InstanceNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@torch.no_grad()
+def init_normal(module: nn.Module, gain: float = 0.02) -> None:
+    """CycleGAN's ``init_type=normal``: conv / linear weights ~ N(0, gain), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def describe_generator(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(architecture, width, residual blocks) of a generator state dict, read from its tensors; None when
+    the tensors are not a generator of this module."""
+    first = state.get("model.1.weight")
+    if first is None or first.ndim != 4 or tuple(first.shape[1:]) != (3, 7, 7):
+        return None
+    ngf = int(first.shape[0])
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("model.") and ".conv_block." in k}
+    arch = "mobile_resnet" if any(".conv_block.1.conv." in k for k in state) else "resnet"
+    return arch, ngf, len(blocks)
