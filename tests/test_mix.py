@@ -14,7 +14,7 @@ from evcli.engine.trainer import Trainer
 from evcli.testing import TINY_ARGS, launch_two_processes, make_image_folder, run_cli
 
 
-@pytest.mark.parametrize("method", ["none", "mixup", "cutmix"])
+@pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "mixup-cutmix"])
 def test_mix_methods_train_on_builtin_data(tmp_path: Path, method: str):
     r = run_cli(["mix", *TINY_ARGS, "--method", method, "-o", str(tmp_path / "run"), "--json"])
     assert r.code == 0, r.stderr
@@ -131,3 +131,27 @@ def test_shipped_small_recipes_run(tmp_path: Path, name: str):
 def test_bf16_autocast_on_cpu(tmp_path: Path):
     r = run_cli(["mix", *TINY_ARGS, "--max-steps", "1", "--mixed-precision", "bf16", "-o", str(tmp_path / "r")])
     assert r.code == 0, r.stderr
+
+
+@pytest.mark.parametrize(("switch_prob", "cutmix_share"), [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5)])
+def test_mixup_cutmix_switches_per_batch(switch_prob: float, cutmix_share: float):
+    """DeiT's baseline: each batch is CutMix (pixels copied whole from one image) with p = switch_prob, else Mixup."""
+    import numpy as np
+
+    from evcli.methods.mix.method import MixMethod
+    from evcli.recipe import resolve_recipe
+
+    recipe = resolve_recipe("mix", flags={"mix.method": "mixup-cutmix", "mix.switch_prob": switch_prob})
+    method = MixMethod(recipe)
+    method.num_classes = lambda ctx: 10
+    method.build(type("Ctx", (), {"recipe": recipe, "classes": [str(i) for i in range(10)]})())
+    np.random.seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    y = torch.arange(4)
+    cutmix = 0
+    trials = 40
+    for _ in range(trials):
+        mixed, _ = method.mixer(x.clone(), y)
+        copied = torch.isclose(mixed, x) | torch.isclose(mixed, x.flip(0))
+        cutmix += int(bool(copied.all()))
+    assert abs(cutmix / trials - cutmix_share) <= 0.2

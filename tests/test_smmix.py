@@ -109,6 +109,8 @@ def test_adapters_find_grid_and_attention(name: str, kwargs: dict, img: int, gri
     with torch.no_grad(), adapter.capture() as maps:
         logits = wrapped(x)
     assert logits.shape == (2, 5) and tuple(maps[-1].shape) == attn_shape
+    # per-head softmax maps (CaiT: before talking-heads mixing, which makes them no distributions)
+    assert maps[-1].min() >= 0 and torch.allclose(maps[-1].sum(-1), torch.ones(attn_shape[:3]), atol=1e-5)
     assert adapter.patch_scores(maps[-1]).shape == (2, grid * grid)
     assert getattr(adapter.attention, "fused_attn", None) == fused  # restored after the motivating pass
     with torch.no_grad():
@@ -223,3 +225,63 @@ def test_smmix_two_processes(tmp_path: Path):
     proc = launch_two_processes(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["processes"] == 2
+
+
+def test_token_head_starts_like_the_reference_head():
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=100, img_size=32, patch_size=4, depth=1)
+    head = sm.SMMixModel(model, sm.TokenGridAdapter.for_model(model), 100).token_head
+    assert torch.count_nonzero(head.bias) == 0
+    assert 0.015 < head.weight.std().item() < 0.025  # PyTorch's default for 192 inputs: 0.042
+
+
+def test_smmix_decays_what_the_plain_runs_decay():
+    from evcli.engine.method import decay_groups
+
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=5, img_size=32, patch_size=4, depth=1)
+    wrapped = sm.SMMixModel(model, sm.TokenGridAdapter.for_model(model), 5)
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    plain = {id(p) for p in decay_groups(model, 0.05)[1]["params"]}
+    smmix = {id(p) for p in decay_groups(wrapped, 0.05)[1]["params"]}
+    assert plain <= smmix and {"backbone.pos_embed", "backbone.cls_token"} <= {names[i] for i in smmix}
+    assert smmix - plain == {id(wrapped.token_head.bias)}  # only the new head's bias joins the no-decay group
+
+
+def test_smmix_loss_assembly(monkeypatch: pytest.MonkeyPatch):
+    """L = CE(class logits, lam-mixed target) + CE(z_target, own) + CE(z_source, partner's) + KL, term by term."""
+    import numpy as np
+
+    from evcli.engine.method import Modules
+    from evcli.methods.mix.method import MixMethod
+    from evcli.recipe import resolve_recipe
+
+    recipe = resolve_recipe(
+        "mix",
+        flags={"mix.method": "smmix", "data.img_size": 16, "model.patch_size": 4,
+               "mix.switch_prob": 1.0, "mix.fine_weight": 0.7, "mix.consistency_weight": 0.3},
+    )  # fmt: skip
+    method = MixMethod(recipe)
+    model = timm.create_model("deit_tiny_patch16_224", num_classes=4, img_size=16, patch_size=4, depth=1)
+    modules = {"model": model}
+    ctx = type("Ctx", (), {"run_dir": None, "rank": 0, "classes": None, "num_classes": 4})()
+    monkeypatch.setattr(method, "num_classes", lambda ctx: 4)
+    method.transform(modules, ctx)
+    view = Modules(modules, {})
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    np.random.seed(5)
+    out = method._smmix_step(view, x, y, ctx)
+    np.random.seed(5)
+    net = modules["model"]
+    net.eval()
+    with torch.no_grad(), net.adapter.capture() as maps:
+        clean = net(x)
+    net.train()
+    r = method.sides[np.random.randint(len(method.sides))]
+    mixed = sm.smmix_images(x, net.adapter.patch_scores(maps[-1]), method.grid, r)
+    own = sm.smooth_one_hot(y, 4, 0.1)
+    logits, z_t, z_s = net(mixed.images, mixed.target_mask, mixed.source_mask)
+    l_cls = -(F.log_softmax(logits, -1) * (mixed.lam * own + (1 - mixed.lam) * own.flip(0))).sum(-1).mean()
+    l_fine = 0.5 * (-(F.log_softmax(z_t, -1) * own).sum(-1).mean() - (F.log_softmax(z_s, -1) * own.flip(0)).sum(-1).mean())
+    l_con = sm.consistency_kl(logits, clean, mixed.lam)
+    assert torch.allclose(out.logs["loss_fine"], l_fine.detach(), atol=1e-6)
+    assert torch.allclose(out.loss, l_cls + 0.7 * l_fine + 0.3 * l_con, atol=1e-6)

@@ -64,6 +64,7 @@ class MixMethodName(str, Enum):
     none = "none"
     mixup = "mixup"
     cutmix = "cutmix"
+    mixup_cutmix = "mixup-cutmix"
     smmix = "smmix"
 
 
@@ -96,7 +97,8 @@ OWN_FLAGS = [
         "method",
         MixMethodName,
         typer.Option(
-            None, "--method", "-m", help="Mixing of each batch (default: cutmix); smmix for ViTs.", show_default=False
+            None, "--method", "-m", help="Mixing of each batch (default: cutmix); mixup-cutmix is DeiT's per-batch switch (p = "
+            "mix.switch_prob); smmix for ViTs.", show_default=False
         ),
         "mix.method",
     ),

@@ -12,7 +12,8 @@ from evcli.registry import register_command
 @register_command(
     "mix",
     implementation="evcli.methods.mix.method:MixMethod",
-    help="Train an image classifier (any timm model) with image mixing: none, Mixup, CutMix or SMMix.",
+    help="Train an image classifier (any timm model) with image mixing: none, Mixup, CutMix, both (DeiT's "
+    "switch) or SMMix.",
     defaults={
         "model.name": "deit_tiny_patch16_224",
         "optim.name": "adamw",
@@ -26,13 +27,15 @@ from evcli.registry import register_command
 class MixConfig:
     """Image mixing of each training batch and the classification loss."""
 
-    method: Literal["none", "mixup", "cutmix", "smmix"] = "cutmix"
+    method: Literal["none", "mixup", "cutmix", "mixup-cutmix", "smmix"] = "cutmix"
     mixup_alpha: float = 0.8  # Beta(alpha, alpha) of the Mixup ratio (also SMMix's Mixup half)
     cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of the CutMix area ratio
-    prob: float = 1.0  # probability that a batch is mixed at all (mixup / cutmix)
+    prob: float = 1.0  # probability that a batch is mixed at all (mixup / cutmix / mixup-cutmix)
     label_smoothing: float = 0.1
+    # probability that a batch takes the CutMix branch (mixup-cutmix, timm's switch_prob: DeiT's 0.5) or the SMMix
+    # branch (smmix, which replaces CutMix in the DeiT recipe); the rest take Mixup
+    switch_prob: float = 0.5
     # SMMix (arXiv 2212.12977); the paper's defaults
-    switch_prob: float = 0.5  # probability that a batch takes the SMMix branch; the rest take Mixup
     min_side_ratio: float = 0.25  # region side r drawn from int(s*min) .. int(s*max) on an s x s grid
     max_side_ratio: float = 0.75
     fine_weight: float = 1.0  # weight of the fine-grained label assignment (token head) loss

@@ -1,7 +1,8 @@
 """Engine hooks of ``evcli mix``: batch mixing (none / Mixup / CutMix / SMMix) of each training batch.
 
 Mixup and CutMix are timm's (``timm.data.Mixup``, batch mode, partner = flipped batch, label
-smoothing folded into the targets, CutMix area-corrected lambda). SMMix (``smmix.py``) replaces the
+smoothing folded into the targets, CutMix area-corrected lambda); ``mixup-cutmix`` is the DeiT recipe's switch
+(each batch CutMix with probability ``switch_prob``, else Mixup), the baseline SMMix is measured against. SMMix (``smmix.py``) replaces the
 CutMix half of the DeiT recipe: each batch takes the SMMix branch with probability ``switch_prob``,
 else plain Mixup. SMMix's train-time token head is added in ``transform`` (after user weights load into
 the plain backbone) and dropped at export. Random draws use NumPy's global RNG, which the engine reseeds
@@ -38,14 +39,14 @@ class MixMethod(ClassifierMethod):
     def build(self, ctx: Any) -> dict[str, nn.Module]:
         modules = super().build(ctx)
         c = self.cfg
-        if c.method in ("mixup", "cutmix", "smmix"):
+        if c.method in ("mixup", "cutmix", "mixup-cutmix", "smmix"):
             from timm.data import Mixup
 
             self.mixer = Mixup(
-                mixup_alpha=c.mixup_alpha if c.method in ("mixup", "smmix") else 0.0,
-                cutmix_alpha=c.cutmix_alpha if c.method == "cutmix" else 0.0,
+                mixup_alpha=c.mixup_alpha if c.method in ("mixup", "mixup-cutmix", "smmix") else 0.0,
+                cutmix_alpha=c.cutmix_alpha if c.method in ("cutmix", "mixup-cutmix") else 0.0,
                 prob=c.prob,
-                switch_prob=0.0,
+                switch_prob=c.switch_prob if c.method == "mixup-cutmix" else 0.0,
                 mode="batch",
                 label_smoothing=c.label_smoothing,
                 num_classes=self.num_classes(ctx),

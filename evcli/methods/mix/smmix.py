@@ -97,7 +97,16 @@ class TokenGridAdapter:
         fused = getattr(self.attention, "fused_attn", None)
         if fused is not None:
             self.attention.fused_attn = False  # the fused kernel returns no attention map
-        handle = self.attention.attn_drop.register_forward_hook(lambda m, args, out: maps.append(args[0].detach()))
+        if self.kind == "cait":
+            # talking-heads attention: the per-head softmax maps enter proj_w as [B, N, N, heads]; after proj_w
+            # they are mixed across heads (and no longer distributions), so read them before it
+            handle = self.attention.proj_w.register_forward_pre_hook(
+                lambda m, args: maps.append(args[0].permute(0, 3, 1, 2).detach())
+            )
+        else:
+            handle = self.attention.attn_drop.register_forward_hook(
+                lambda m, args, out: maps.append(args[0].detach())
+            )
         try:
             yield maps
         finally:
@@ -137,6 +146,8 @@ class SMMixModel(nn.Module):
         self.backbone = backbone
         self.adapter = adapter
         self.token_head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.token_head.weight, std=0.02)  # the reference's ViT head init
+        nn.init.zeros_(self.token_head.bias)
 
     def no_weight_decay(self) -> set[str]:
         """The backbone's no-decay parameters (position embeddings, class token), under their names here: SMMix
