@@ -70,7 +70,9 @@ def _choice(value: Any, choices: tuple, name: str) -> Any:
         from evcli.recipe import did_you_mean
 
         shown = ", ".join(str(c) for c in choices)
-        raise UsageError(f"unknown {name} '{value}'{did_you_mean(str(value), [str(c) for c in choices])} (choices: {shown})")
+        raise UsageError(
+            f"unknown {name} '{value}'{did_you_mean(str(value), [str(c) for c in choices])} (choices: {shown})"
+        )
     return value
 
 
@@ -99,11 +101,12 @@ def _metric_rows(metrics: dict[str, float]) -> list[tuple[str, str]]:
             )
         )
     if "size_bytes" in metrics:
+        ratio = metrics["fp32_size_bytes"] / metrics["size_bytes"]
         rows.append(
             (
                 "model size",
                 f"{int(metrics['size_bytes']):,} bytes at {int(metrics['bits'])} bits "
-                f"(fp32 {int(metrics['fp32_size_bytes']):,}, {metrics['fp32_size_bytes'] / metrics['size_bytes']:.1f}x)",
+                f"(fp32 {int(metrics['fp32_size_bytes']):,}, {ratio:.1f}x smaller)",
             )
         )
     return rows
@@ -121,17 +124,23 @@ def _train_rows(report: dict[str, Any], recipe: Any) -> list[tuple[str, str]]:
 
 TRAIN_FLAGS = [
     Flag("method", str, flag("--method", "-m", help="Quantizer: ddtb (default) or pams."), "quant-sr.method"),
-    Flag("bits", int, flag("--bits", help="2, 3 or 4 (up to 8); 32 trains the full-precision network."), "quant-sr.bits"),
+    Flag(
+        "bits", int, flag("--bits", help="2, 3 or 4 (up to 8); 32 trains the full-precision network."), "quant-sr.bits"
+    ),
     Flag("scale", int, flag("--scale", help="Upscaling factor: 2, 3 or 4."), "quant-sr.scale"),
     Flag("arch", str, flag("--arch", help="edsr_baseline (16x64), edsr (32x256) or srresnet."), "quant-sr.arch"),
-    Flag("teacher", Path, flag("--teacher", help="Full-precision weights or --bits 32 run folder."), "quant-sr.teacher"),
+    Flag(
+        "teacher", Path, flag("--teacher", help="Full-precision weights or --bits 32 run folder."), "quant-sr.teacher"
+    ),
     Flag(
         "data",
         Path,
         flag("--data", "-d", help="DIV2K root or a folder of HR images (default: built-in photos)."),
         "data.path",
     ),
-    Flag("benchmark", Path, flag("--benchmark", help="Folder with Set5/ Set14/ B100/ Urban100/."), "quant-sr.benchmark"),
+    Flag(
+        "benchmark", Path, flag("--benchmark", help="Folder with Set5/ Set14/ B100/ Urban100/."), "quant-sr.benchmark"
+    ),
     Flag("patch_size", int, flag("--patch-size", help="HR training patch (paper: 192 at x4)."), "data.img_size"),
     Flag(
         "dynamic_ratio",
@@ -179,13 +188,15 @@ app.command("train")(
 @app.command("eval")
 def evaluate(
     weights: Path = typer.Argument(None, help="Weights (.safetensors) or run folder.", show_default=False),
-    method: str = typer.Option(
-        None, "--method", "-m", help="bicubic: the baseline (no weights).", show_default=False
-    ),
+    method: str = typer.Option(None, "--method", "-m", help="bicubic: the baseline (no weights).", show_default=False),
     scale: int = typer.Option(None, "--scale", help="Upscaling factor (must match the weights).", show_default=False),
     recipe: str = RecipeOption,
-    data: Path = typer.Option(None, "--data", "-d", help="Data root (benchmark/ inside or beside it).", show_default=False),
-    benchmark: Path = typer.Option(None, "--benchmark", help="Folder with Set5/ Set14/ B100/ Urban100/.", show_default=False),
+    data: Path = typer.Option(
+        None, "--data", "-d", help="Data root (benchmark/ inside or beside it).", show_default=False
+    ),
+    benchmark: Path = typer.Option(
+        None, "--benchmark", help="Folder with Set5/ Set14/ B100/ Urban100/.", show_default=False
+    ),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -230,11 +241,15 @@ app.command("export")(export_command("quant-sr"))
 @app.command("upscale")
 def upscale(
     image: Path = typer.Argument(..., help="Image to upscale (RGB, grayscale or RGBA).", show_default=False),
-    weights: Path = typer.Option(..., "--weights", "-w", help="Weights (.safetensors) or run folder.", show_default=False),
+    weights: Path = typer.Option(
+        ..., "--weights", "-w", help="Weights (.safetensors) or run folder.", show_default=False
+    ),
     output: Path = typer.Option(
         None, "--output", "-o", help="Output PNG (default: IMAGE_x<scale>.png).", show_default=False
     ),
-    scale: int = typer.Option(None, "--scale", help="Expected upscaling factor (checked against the weights).", show_default=False),
+    scale: int = typer.Option(
+        None, "--scale", help="Expected upscaling factor (checked against the weights).", show_default=False
+    ),
     tile: int = typer.Option(256, "--tile", help="Largest LR tile side processed at once; larger images are tiled."),
     overwrite: bool = OverwriteOption,
     json_out: bool = JsonOption,

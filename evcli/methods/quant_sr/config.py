@@ -28,7 +28,7 @@ BENCHMARK_SETS = ["Set5", "Set14", "B100", "Urban100"]
         # 59 training epochs, halvings after training epochs 9, 19, 29, 39, 49 (relative: --epochs rescales)
         "schedule.epochs": 59,
         "schedule.sched": "step",
-        "schedule.milestones": ["15%", "32%", "49%", "66%", "83%"],
+        "schedule.milestones": ["15.254%", "32.203%", "49.153%", "66.102%", "83.051%"],  # 9/59, 19/59, ...
         "schedule.gamma": 0.5,
         "data.img_size": 192,
         "data.batch_size": 16,
@@ -56,7 +56,7 @@ class QuantSRConfig:
     bound_init: Literal["all_bits", "release"] = "all_bits"  # release: only 2-bit calibrated, else +-10
     gate_grad: Literal["ste", "release"] = "ste"  # ste: gradients through the gate's 2-bit quantizers (paper);
     # release: its input detached, so only the gate's last 1x1 conv learns (the released code)
-    gate_warmup: Duration = Duration("7%")  # gates pushed to beta = 1 (epochs 2-5 of the paper's 60: 4 of 59)
+    gate_warmup: Duration = Duration("6.78%")  # gates pushed to beta = 1 (epochs 2-5 of the paper's 60: 4 of 59)
     weight_clip: float = 99.0  # DDTB weights: clamp to the [100 - p, p] percentiles
     calib_batches: int = 100  # batches of the calibration pass (paper: one epoch, 1000 batches)
     # --- losses and optimizers

@@ -30,7 +30,9 @@ def load_upscaler(weights: str | Path, scale: int | None = None) -> tuple[Any, A
         raise UsageError(f"{path} is {what}; upscale needs quant-sr weights")
     own = saved.get("quant-sr") or {}
     if scale is not None and own.get("scale") != scale:
-        raise UsageError(f"{path} is a x{own.get('scale')} model, not x{scale}", hint=f"drop --scale or use x{scale} weights")
+        raise UsageError(
+            f"{path} is a x{own.get('scale')} model, not x{scale}", hint=f"drop --scale or use x{scale} weights"
+        )
     loaded = api.load(path)
     return loaded.model.eval(), loaded.recipe
 

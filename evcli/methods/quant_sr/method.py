@@ -144,14 +144,20 @@ class QuantSRMethod(Method):
         load_model_weights(teacher, state, str(path), strict=True)
         return teacher, state, str(path)
 
-    def adapt_weights(self, state: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def adapt_weights(
+        self, state: dict[str, torch.Tensor], module: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Full-precision weights into a quantized network: quantizer parameters keep their initial values (the
         calibration sets them); exported integer codes are turned back into float weights."""
         from evcli.methods.quant_sr.quantizers import asym_dequantize
 
         notes = []
         own = module.state_dict()
-        added = [k for k in own if k not in state and (".quant_act" in k or k.endswith(("w_low", "w_high", "weight_is_codes")))]
+        added = [
+            k
+            for k in own
+            if k not in state and (".quant_act" in k or k.endswith(("w_low", "w_high", "weight_is_codes")))
+        ]
         for k in added:
             state[k] = own[k]
         if added:
@@ -207,7 +213,8 @@ class QuantSRMethod(Method):
             "dynamic": chosen,
             "intensity": {n: round(v, 6) for (n, _), v in zip(quants, intensity)},
             "bounds": {
-                n: [round(float(q.lower), 4), round(float(q.upper), 4)] if isinstance(q, DDTBActQuant)
+                n: [round(float(q.lower), 4), round(float(q.upper), 4)]
+                if isinstance(q, DDTBActQuant)
                 else [round(-float(q.alpha), 4), round(float(q.alpha), 4)]
                 for n, q in quants
             },
@@ -318,8 +325,6 @@ class QuantSRMethod(Method):
     @torch.no_grad()
     def artifacts(self, modules: Any, out_dir: Any, ctx: Any) -> dict[str, str]:
         """bicubic | fp32 teacher | this model | HR crops of the first val images (pictures/)."""
-        from evcli.data.sr import bicubic_up
-        from evcli.io.images import save_png
 
         folder = Path(out_dir) / "pictures"
         folder.mkdir(parents=True, exist_ok=True)
@@ -350,8 +355,11 @@ class QuantSRMethod(Method):
             row = []
             for p in panels:
                 row += [p.clamp(0, 1), gap]
-            name = "bicubic_fp32_quantized_hr" if "teacher" in modules else (
-                "bicubic_fp32_hr" if not self.quantized else "bicubic_quantized_hr")
+            name = (
+                "bicubic_fp32_quantized_hr"
+                if "teacher" in modules
+                else ("bicubic_fp32_hr" if not self.quantized else "bicubic_quantized_hr")
+            )
             save_png(torch.cat(row[:-1], dim=2), folder / f"val_{i}_{name}.png")
 
     def report_extras(self, ctx: Any) -> dict[str, Any]:

@@ -55,8 +55,9 @@ class QuantSpec:
         if not self.quantized:
             return nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
         mode = "sym" if self.method == "pams" else "asym99"
-        return QuantConv2d(cin, cout, k, padding=k // 2, bias=bias, bits=self.bits, mode=mode,
-                           clip_percent=self.weight_clip)
+        return QuantConv2d(
+            cin, cout, k, padding=k // 2, bias=bias, bits=self.bits, mode=mode, clip_percent=self.weight_clip
+        )
 
 
 def conv3(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
@@ -120,8 +121,15 @@ class SRNet(nn.Module):
     global skip (64 channels, LR resolution), the attention-transfer feature of DDTB and PAMS.
     """
 
-    def __init__(self, arch: str = "edsr_baseline", scale: int = 4, blocks: int | None = None,
-                 channels: int | None = None, res_scale: float | None = None, q: QuantSpec | None = None):
+    def __init__(
+        self,
+        arch: str = "edsr_baseline",
+        scale: int = 4,
+        blocks: int | None = None,
+        channels: int | None = None,
+        res_scale: float | None = None,
+        q: QuantSpec | None = None,
+    ):
         super().__init__()
         q = q or QuantSpec()
         nb, nc, rs = ARCHS[arch]
