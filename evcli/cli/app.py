@@ -16,6 +16,7 @@ from evcli.cli import deshadow as deshadow_cmd
 from evcli.cli import distill_gan as distill_gan_cmd
 from evcli.cli import env as env_cmd
 from evcli.cli import mix as mix_cmd
+from evcli.cli import pointcloud as pointcloud_cmd
 from evcli.cli import qat as qat_cmd
 from evcli.cli import quant_sr as quant_sr_cmd
 from evcli.cli import recipe_cmd
@@ -53,6 +54,7 @@ app.add_typer(sparsify_cmd.app, name="sparsify")
 app.add_typer(qat_cmd.app, name="qat")
 app.add_typer(distill_gan_cmd.app, name="distill-gan")
 app.add_typer(quant_sr_cmd.app, name="quant-sr")
+app.add_typer(pointcloud_cmd.app, name="pointcloud")
 
 app.add_typer(recipe_cmd.app, name="recipe")
 env_cmd.register(app)
