@@ -128,7 +128,9 @@ def evaluate(
     full_room: bool = typer.Option(
         False, "--full-room", help="Segmentation: infer every original point (multi-pass), the paper's test protocol."
     ),
-    votes: int = typer.Option(None, "--votes", help="Classification: test-time votes (random scaling).", show_default=False),
+    votes: int = typer.Option(
+        None, "--votes", help="Classification: test-time votes (random scaling).", show_default=False
+    ),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -201,7 +203,9 @@ def predict(
         labels = segment_points(loaded.model, points, cfg).argmax(1).numpy()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("\n".join(str(int(v)) for v in labels) + "\n", encoding="utf-8")
-        counts = {(names[c] if c < len(names) else str(c)): int((labels == c).sum()) for c in sorted(set(labels.tolist()))}
+        counts = {
+            (names[c] if c < len(names) else str(c)): int((labels == c).sum()) for c in sorted(set(labels.tolist()))
+        }
         result.update({"labels": str(out), "label_counts": counts})
         title = f"{cloud.name}: predicted labels"
     else:
@@ -232,7 +236,9 @@ def predict(
 @app.command("sizes")
 def sizes(
     task: str = typer.Option("segmentation", "--task", "-t", help="classification or segmentation."),
-    points: int = typer.Option(None, "--points", help="Points per cloud (default 15000 seg, 1024 cls).", show_default=False),
+    points: int = typer.Option(
+        None, "--points", help="Points per cloud (default 15000 seg, 1024 cls).", show_default=False
+    ),
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
@@ -242,7 +248,14 @@ def sizes(
     _check_choice(task, TASKS, "--task")
     if points is not None and not 64 <= points <= 200000:
         raise UsageError(f"--points must be in 64..200000, got {points}")
-    from evcli.methods.pointcloud.model import CLS_ARCHS, SEG_ARCHS, ModelSpec, build_model, count_flops, count_parameters
+    from evcli.methods.pointcloud.model import (
+        CLS_ARCHS,
+        SEG_ARCHS,
+        ModelSpec,
+        build_model,
+        count_flops,
+        count_parameters,
+    )
 
     n = points or (15000 if task == "segmentation" else 1024)
     table = SEG_ARCHS if task == "segmentation" else CLS_ARCHS
