@@ -10,7 +10,7 @@ import torch
 
 from evcli.durations import resolve_duration
 from evcli.methods.quant_sr.method import at_loss, attention_map, model_size
-from evcli.methods.quant_sr.models import SRNet, QuantSpec, count_parameters
+from evcli.methods.quant_sr.models import QuantSpec, SRNet, count_parameters
 from evcli.methods.quant_sr.quantizers import (
     DDTBActQuant,
     DynamicGate,

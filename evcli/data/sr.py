@@ -60,6 +60,14 @@ def builtin_image(name: str) -> np.ndarray:
         import matplotlib.cbook as cbook
 
         return np.asarray(load_rgb(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    if name in ("china", "flower"):  # scikit-learn's sample photos, read from its package without importing it
+        import importlib.util
+
+        spec = importlib.util.find_spec("sklearn")
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "images" / f"{name}.jpg"
+            if path.is_file():
+                return np.asarray(load_rgb(path))
     from evcli.data.shadow import builtin_photo
 
     return builtin_photo(name)
@@ -78,8 +86,9 @@ def modcrop(hr: torch.Tensor, scale: int) -> torch.Tensor:
 def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
     """Antialiased bicubic downsampling of [3, H, W] or [N, 3, H, W] (H, W multiples of scale), 8-bit rounded."""
     x = hr[None] if hr.dim() == 3 else hr
-    lr = F.interpolate(x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic", antialias=True,
-                       align_corners=False)
+    lr = F.interpolate(
+        x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic", antialias=True, align_corners=False
+    )
     lr = (lr.clamp(0, 1) * 255.0).round() / 255.0
     return lr[0] if hr.dim() == 3 else lr
 
@@ -107,6 +116,7 @@ class SRImage:
     name: str
     read: Callable[[], torch.Tensor]  # -> HR [3, H, W] in [0, 1]
     lr_path: Path | None = None
+    size: tuple[int, int] | None = None  # (width, height) when known without decoding
 
 
 def _file_reader(path: Path) -> Callable[[], torch.Tensor]:
@@ -120,11 +130,25 @@ def read_lr(path: Path) -> torch.Tensor:
 class SRTrainDataset(Dataset):
     """Random HR patches (``patch`` px) with their LR, ``repeat`` patches per image per epoch."""
 
-    def __init__(self, images: list[SRImage], scale: int, patch: int, repeat: int, do_augment: bool, seed: int,
-                 cache: bool = False):
+    def __init__(
+        self,
+        images: list[SRImage],
+        scale: int,
+        patch: int,
+        repeat: int,
+        do_augment: bool,
+        seed: int,
+        cache: bool = False,
+    ):
         self.images, self.scale, self.patch, self.repeat = images, scale, patch, repeat
         self.do_augment, self.seed = do_augment, seed
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        for item in images:  # refuse too-small images before training starts, not in a loader worker
+            if item.size is not None and min(item.size) < patch:
+                raise DataError(
+                    f"HR image {item.name} ({item.size[0]}x{item.size[1]}) is smaller than the HR patch size {patch}",
+                    hint="lower --patch-size (data.img_size) or remove the image",
+                )
 
     def __len__(self) -> int:
         return len(self.images) * self.repeat
@@ -240,7 +264,18 @@ def folder_images(root: Path, scale: int, hr_names: tuple[str, ...], lr_names: t
     files = _images_in(hr_dir)
     if not files:
         raise DataError(f"no HR images in {hr_dir} (looked for .png/.jpg/... files)")
-    return [SRImage(p.name, _file_reader(p), _lr_for(p, lr_dir, scale)) for p in files]
+    return [SRImage(p.name, _file_reader(p), _lr_for(p, lr_dir, scale), _header_size(p)) for p in files]
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header (no decoding); None when unreadable (the loader reports it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:
+        return None
 
 
 def builtin_sets(scale: int, val_crop: int | None) -> tuple[list[SRImage], list[SRImage]]:
