@@ -175,9 +175,7 @@ def test_weight_gradient_skip_of_frozen_channels_is_exact(layer_cls, make, shape
 
 
 def test_a_whole_frozen_layer_gets_no_weight_gradient():
-    a, b, xa, xb = _dense_and_skipped(
-        QuantConv2d.from_conv, lambda: nn.Conv2d(3, 4, 3), (2, 3, 5, 5), [0, 1, 2, 3]
-    )
+    a, b, xa, xb = _dense_and_skipped(QuantConv2d.from_conv, lambda: nn.Conv2d(3, 4, 3), (2, 3, 5, 5), [0, 1, 2, 3])
     assert b.lts.active_channels.numel() == 0
     assert b.weight.grad is None  # never computed
     assert torch.allclose(xa.grad, xb.grad, atol=1e-6)

@@ -78,7 +78,10 @@ def _rows(report: dict, recipe: object) -> list[tuple[str, str]]:
     run = Path(report["run_dir"])
     rows = [
         ("method", f"{report['method']} on {report['model']} ({report['parameters'] / 1e6:.2f}M params)"),
-        ("steps", f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), {report['device']})"),
+        (
+            "steps",
+            f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), {report['device']})",
+        ),
         ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
         ("val loss", f"{m['loss']:.4f}"),
     ]
@@ -111,7 +114,9 @@ OWN_FLAGS = [
     Flag(
         "method",
         QatMethodName,
-        typer.Option(None, "--method", "-m", help="lts (default), lsq (baseline) or fp32 (reference).", show_default=False),
+        typer.Option(
+            None, "--method", "-m", help="lts (default), lsq (baseline) or fp32 (reference).", show_default=False
+        ),
         "qat.method",
     ),
     Flag("bits", int, flag("--bits", help="Bits of weights and activations, 2-8 (default 4)."), "qat.bits"),
@@ -129,8 +134,18 @@ OWN_FLAGS = [
         flag("--lts-rate", help="LTS constant threshold ρ in [0, 1], a fraction of the level spacing (default 0.1)."),
         "qat.lts_rate",
     ),
-    Flag("lts_gamma", float, flag("--lts-gamma", help="EMA factor γ of the LTS distance, in [0, 1) (default 0.99)."), "qat.lts_gamma"),
-    Flag("lts_warmup", str, flag("--lts-warmup", help="Steps before freezing: 20% (default), 5ep, 200step."), "qat.lts_warmup"),
+    Flag(
+        "lts_gamma",
+        float,
+        flag("--lts-gamma", help="EMA factor γ of the LTS distance, in [0, 1) (default 0.99)."),
+        "qat.lts_gamma",
+    ),
+    Flag(
+        "lts_warmup",
+        str,
+        flag("--lts-warmup", help="Steps before freezing: 20% (default), 5ep, 200step."),
+        "qat.lts_warmup",
+    ),
     *classifier_flags("resnet18"),
     Flag(
         "lr",
@@ -163,9 +178,7 @@ def evaluate(
 
         report = evaluate_integer_export(source, data, batch_size)
     else:
-        report = evaluate_weights(
-            "qat", source, recipe, {"data.path": data, "data.eval_batch_size": batch_size}, sets
-        )
+        report = evaluate_weights("qat", source, recipe, {"data.path": data, "data.eval_batch_size": batch_size}, sets)
     rows = classifier_eval_rows(report)
     if "frozen" in report["metrics"]:
         rows.append(("weights frozen (LTS)", f"{100 * report['metrics']['frozen']:.1f}%"))
@@ -210,7 +223,11 @@ def export(
     sp = res.get("sparse")
     if sp:
         rows.append(
-            ("kept sparsity", f"{sp['pattern']}: {100 * sp['overall_sparsity']:.1f}% zeros, " + ("verified" if sp["ok"] else "FAILED"))
+            (
+                "kept sparsity",
+                f"{sp['pattern']}: {100 * sp['overall_sparsity']:.1f}% zeros, "
+                + ("verified" if sp["ok"] else "FAILED"),
+            )
         )
     o = res.get("onnx")
     if o:

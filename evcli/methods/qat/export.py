@@ -258,8 +258,13 @@ def sparse_check(tensors: dict[str, torch.Tensor], layers: dict[str, Any], spars
     overall = zeros / max(1, total)
     if not nm and sparse.get("sparsity") and overall < float(sparse["sparsity"]) - 0.005:
         failing.append(f"overall sparsity {overall:.4f} < {sparse['sparsity']}")
-    return {"pattern": sparse.get("pattern"), "layers": rows, "overall_sparsity": overall, "failing": failing,
-            "ok": not failing}
+    return {
+        "pattern": sparse.get("pattern"),
+        "layers": rows,
+        "overall_sparsity": overall,
+        "failing": failing,
+        "ok": not failing,
+    }
 
 
 def export_run(
@@ -315,7 +320,11 @@ def export_run(
         "step": loaded.trainer.ctx.step,
         "weights": str(path),
         "file_bytes": path.stat().st_size,
-        "fp32_bytes": sum(p.numel() * 4 for k, p in model.state_dict().items() if p.is_floating_point() and ".lts." not in k and "quant." not in k),
+        "fp32_bytes": sum(
+            p.numel() * 4
+            for k, p in model.state_dict().items()
+            if p.is_floating_point() and ".lts." not in k and "quant." not in k
+        ),
         "layers": len(layers),
         "bits": sorted({v["weight_bits"] for v in layers.values()}),
         "data": data_note,

@@ -148,7 +148,11 @@ class QatMethod(ClassifierMethod):
                 learn_weight_step=learn_w,
                 act_signed=name == first,  # the image input is signed; others decided by calibration
             )
-            new = QuantConv2d.from_conv(mod, **quant) if isinstance(mod, nn.Conv2d) else QuantLinear.from_linear(mod, **quant)
+            new = (
+                QuantConv2d.from_conv(mod, **quant)
+                if isinstance(mod, nn.Conv2d)
+                else QuantLinear.from_linear(mod, **quant)
+            )
             if c.keep_sparsity and self._has_init():
                 # a run started from other weights has a mask buffer on every layer (the module structure must
                 # not depend on data); a layer of a sparse source (>= 10% exact zeros) keeps its zeros through QAT
@@ -460,4 +464,3 @@ class QatMethod(ClassifierMethod):
         self.sparse_source = dict(state["sparse_source"])
         self.history = list(state["history"])
         self.sums = {k: (int(v) if k.endswith("steps") else float(v)) for k, v in state["sums"].items()}
-

@@ -62,8 +62,13 @@ class _QdqForward:
 
                 def fwd(x: torch.Tensor, layer: Any = layer) -> torch.Tensor:
                     return F.conv2d(
-                        _qdq_input(layer, x), _qdq_weight(layer), layer.bias, layer.stride, layer.padding,
-                        layer.dilation, layer.groups,
+                        _qdq_input(layer, x),
+                        _qdq_weight(layer),
+                        layer.bias,
+                        layer.stride,
+                        layer.padding,
+                        layer.dilation,
+                        layer.groups,
                     )
             else:
 
@@ -115,7 +120,9 @@ def write_qdq_onnx(
         "dequantize_linear": ops.count("DequantizeLinear"),
     }
     if importlib.util.find_spec("onnxruntime") is None or loader is None:
-        res.update(checked=False, note="not checked: onnxruntime is not installed" if loader is not None else "no val data")
+        res.update(
+            checked=False, note="not checked: onnxruntime is not installed" if loader is not None else "no val data"
+        )
         return res
     import numpy as np
     import onnxruntime as ort

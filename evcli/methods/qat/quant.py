@@ -130,7 +130,7 @@ class _QuantMixin:
         self.w_quant = LsqQuantizer(weight_bits, True, out if per_channel else None, learn_weight_step, weight=True)
         self.a_quant = LsqQuantizer(act_bits, act_signed) if act_bits else None
         self.w_quant.init_from(self.weight)
-        self.sparse_mask: torch.Tensor | None = None
+        self.register_buffer("sparse_mask", None)  # set by keep_sparsity (a sparse source)
         self.lts: LtsState | None = None
         self.skip_frozen_grad = False
         self.calibrating = False  # calibration runs activations in full precision
@@ -273,9 +273,9 @@ class PartialWeightGradConv(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(grad_out, x, w, None, *args, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             g = grad_out.index_select(1, active)
-            gw = torch.ops.aten.convolution_backward(g, x, w.index_select(0, active), None, *args, [False, True, False])[
-                1
-            ]
+            gw = torch.ops.aten.convolution_backward(
+                g, x, w.index_select(0, active), None, *args, [False, True, False]
+            )[1]
             grad_w = torch.zeros_like(w).index_copy_(0, active, gw)
         grad_b = grad_out.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None

@@ -36,7 +36,9 @@ def write_lts_report(
         ep = [h["epoch"] + 1 for h in history]
         ax2.plot(ep, [100 * h["frozen_end"] for h in history], "o-", label="frozen at epoch end")
         ax2.plot(ep, [100 * h["updates_eliminated"] for h in history], "s-", label="updates eliminated (epoch)")
-        ax2.plot(ep, [100 * h["backward_flops_saved_counted"] for h in history], "^-", label="backward FLOPs saved (counted)")
+        ax2.plot(
+            ep, [100 * h["backward_flops_saved_counted"] for h in history], "^-", label="backward FLOPs saved (counted)"
+        )
         ax2.set_xlabel("epoch")
         ax2.set_ylim(0, 100)
         ax2.legend(fontsize=7)
