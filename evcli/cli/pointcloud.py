@@ -242,8 +242,8 @@ def sizes(
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """Parameters and FLOPs of every network size (FLOPs: 2 x MACs of conv/linear layers at batch 1, as the
-    paper's profile; neighbour search not counted)."""
+    """Parameters and FLOPs of every network size at batch 1 (counted as the paper's DeepSpeed profile: conv/linear
+    MACs x 2 plus norms and activations; sampling and neighbour search not counted)."""
     setup_output(quiet)
     _check_choice(task, TASKS, "--task")
     if points is not None and not 64 <= points <= 200000:
@@ -264,10 +264,27 @@ def sizes(
         spec = ModelSpec(task, name, 3 if task == "segmentation" else 4, 13 if task == "segmentation" else 15,
                          0.1 if task == "segmentation" else 0.15, 2.0 if task == "segmentation" else 1.5)  # fmt: skip
         model = build_model(spec)
+        ext = 3.0 if task == "segmentation" else 1.0
         rows_out.append(
-            {"model": name, "params_m": round(count_parameters(model) / 1e6, 3),
-             "gflops": round(count_flops(model, n, spec.in_channels, 3.0 if task == "segmentation" else 1.0) / 1e9, 3)}
-        )  # fmt: skip
-    report = {"task": task, "points": n, "counter": "forward hooks on Conv/Linear: 2 x MACs", "models": rows_out}
-    rows = [(r["model"], f"{r['params_m']:.3f} M params, {r['gflops']:.3f} GFLOPs") for r in rows_out]
+            {
+                "model": name,
+                "params_m": round(count_parameters(model) / 1e6, 3),
+                "gflops": round(count_flops(model, n, spec.in_channels, ext, norm_act=True) / 1e9, 3),
+                "gflops_conv_only": round(count_flops(model, n, spec.in_channels, ext) / 1e9, 3),
+            }
+        )
+    report = {
+        "task": task,
+        "points": n,
+        "counter": "forward hooks: 2 x MACs of Conv/Linear + BatchNorm (2/element) + ReLU (1/element), as "
+        "DeepSpeed's profiler counts them in eval mode; gflops_conv_only: Conv/Linear only",
+        "models": rows_out,
+    }
+    rows = [
+        (
+            r["model"],
+            f"{r['params_m']:.3f} M params, {r['gflops']:.3f} GFLOPs ({r['gflops_conv_only']:.3f} conv/linear)",
+        )
+        for r in rows_out
+    ]
     print_result(report, json_out, f"evcli pointcloud sizes ({task}, {n} points, batch 1)", rows)

@@ -373,11 +373,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, n_points: int, in_channels: int, extent: float = 3.0, seed: int = 0) -> int:
+def count_flops(
+    model: nn.Module, n_points: int, in_channels: int, extent: float = 3.0, seed: int = 0, norm_act: bool = False
+) -> int:
     """FLOPs of one forward (batch 1, ``n_points`` random points in a cube of side ``extent``), counted by
-    forward hooks on every Conv1d / Conv2d / Linear ("layer MAC counter"): 2 x multiply-accumulates per
-    output element (``2 * C_in * C_out * positions``). Sampling, neighbour search, gathers, interpolation,
-    norms and activations are not counted, as in the paper's profile (DeepSpeed without the CUDA ops)."""
+    forward hooks ("layer FLOP counter"): 2 x multiply-accumulates per output element of every Conv1d / Conv2d /
+    Linear (``2 * C_in * C_out * positions``); with ``norm_act`` also what DeepSpeed's profiler (the paper's
+    counter) adds in eval mode: 2 per element of a BatchNorm (affine) and 1 per element of a ReLU. Sampling,
+    neighbour search, gathers, interpolation and pooling are never counted, as in the paper's profile."""
     g = torch.Generator().manual_seed(seed)
     p = torch.rand(1, n_points, 3, generator=g) * extent
     f = torch.rand(1, in_channels, n_points, generator=g)
@@ -386,12 +389,17 @@ def count_flops(model: nn.Module, n_points: int, in_channels: int, extent: float
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if isinstance(module, nn.Linear):
             total[0] += 2 * module.in_features * output.numel()
-        else:
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
             total[0] += 2 * module.in_channels * output.numel()
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            total[0] += 2 * output.numel()
+        else:  # ReLU
+            total[0] += output.numel()
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
-    ]
+    kinds: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    if norm_act:
+        kinds += (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     was = model.training
     model.eval()
     try:
