@@ -95,7 +95,8 @@ class CoarseToFineMethod(ClassifierMethod):
             raise UsageError(
                 f"image size {img} does not fit a coarse grid of {c}: the fine stage runs at 2 x {c} x {patch} px "
                 f"patches = {2 * c * patch} px",
-                hint=f"use --img-size {2 * c * patch}, or --coarse-grid {max(2, img // (2 * patch))}",
+                hint=f"use --img-size {2 * c * patch}"
+                + (f", or --coarse-grid {img // (2 * patch)}" if img % (2 * patch) == 0 and img >= 4 * patch else ""),
             )
         return c
 
