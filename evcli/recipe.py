@@ -87,6 +87,9 @@ class DataConfig:
     eval_batch_size: int | None = None  # default: 2 x batch_size
     workers: int = 2
     skip_corrupt: bool = False  # true: skip unreadable images with a warning instead of failing
+    # train on a class-balanced subset of this many training images (the first of each class in file order);
+    # null = all. For quick runs and benches on large sets; val is never subsampled
+    train_subset: int | None = None
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
     auto_augment: str | None = None  # timm policy, e.g. rand-m9-mstd0.5-inc1
@@ -102,6 +105,7 @@ class DataConfig:
         "batch_size": f">= 1, <= {MAX_BATCH}",
         "eval_batch_size": f">= 1, <= {MAX_BATCH}",
         "workers": ">= 0, <= 1024",
+        "train_subset": ">= 1",
         "scale": "(0, 1]",
         "hflip": "[0, 1]",
         "color_jitter": ">= 0",
@@ -583,6 +587,16 @@ def _check_keys(layer: dict[str, Any], sections: dict[str, type], source: str) -
             )
 
 
+def _data_path(layers: list[tuple[str, dict[str, Any]]]) -> Any:
+    """``data.path`` as the last layer that sets it leaves it (None: the built-in data)."""
+    path = None
+    for _, layer in layers:
+        data = layer.get("data")
+        if isinstance(data, dict) and "path" in data:
+            path = data["path"]
+    return path
+
+
 def resolve_recipe(
     command: str,
     recipe_file: str | Path | None = None,
@@ -619,6 +633,9 @@ def resolve_recipe(
     set_values = parse_set(sets)
     if set_values:
         layers.append(("--set", unflatten(set_values)))
+    if base is None and spec.builtin_defaults and _data_path(layers) is None:
+        # the built-in data: settings that let the default model learn on it, under any file or flag
+        layers.insert(1, ("built-in data defaults", unflatten(spec.builtin_defaults)))
 
     merged: dict[str, Any] = {}
     given: dict[str, int] = {}  # optim.lr / optim.lr_base -> the last layer that set it

@@ -26,6 +26,9 @@ class CommandSpec:
     help: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)  # dotted keys over the common sections
     sections: dict[str, type] = field(default_factory=dict)  # common sections this command replaces
+    # dotted keys applied over `defaults` when the run uses the built-in data (no data.path): settings that let
+    # the command's default model learn on the small built-in set; a recipe file or flag still overrides them
+    builtin_defaults: dict[str, Any] = field(default_factory=dict)
 
     def load_method_class(self) -> type:
         module, _, attr = self.implementation.partition(":")
@@ -41,15 +44,25 @@ def register_command(
     help: str = "",
     defaults: dict[str, Any] | None = None,
     sections: dict[str, type] | None = None,
+    builtin_defaults: dict[str, Any] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator registering a method config dataclass as the schema of subcommand ``name``.
 
     ``sections`` replaces common recipe sections by the command's own typed ones (same name, e.g. a
-    ``data`` section for point clouds without ``img_size``).
+    ``data`` section for point clouds without ``img_size``). ``builtin_defaults`` apply over ``defaults`` only
+    when the run reads the built-in data.
     """
 
     def wrap(cls: type) -> type:
-        _COMMANDS[name] = CommandSpec(name, cls, implementation, help, dict(defaults or {}), dict(sections or {}))
+        _COMMANDS[name] = CommandSpec(
+            name,
+            cls,
+            implementation,
+            help,
+            dict(defaults or {}),
+            dict(sections or {}),
+            dict(builtin_defaults or {}),
+        )
         return cls
 
     return wrap

@@ -169,3 +169,11 @@ def test_idx_folder_errors(tmp_path: Path):
     path.write_bytes(b"\x00\x00\x08\x01" + bytes(20))
     with pytest.raises(DataError, match="not an IDX file"):
         _data(root)
+
+
+def test_train_subset_is_class_balanced_and_leaves_val_alone():
+    data = _data(None, train_subset=50)
+    labels = [data.train.source.labels[i] for i in range(len(data.train))]
+    assert len(labels) == 50 and all(labels.count(c) == 5 for c in range(10))
+    assert len(data.val) == 355
+    assert "train subset: 50" in data.description

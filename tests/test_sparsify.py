@@ -316,10 +316,72 @@ def test_design_card_example_verbatim(tmp_path: Path, monkeypatch: pytest.Monkey
 
 @pytest.mark.slow
 def test_two_processes_through_accelerate_launch(tmp_path: Path, folder: Path):
-    """LBC scores live outside the DDP model: their gradients are averaged by the method; 2 CPU processes."""
+    """LBC scores are parameters of the DDP-wrapped model (see test_scores_are_model_parameters); 2 CPU processes."""
     from evcli.testing import launch_two_processes
 
     proc = launch_two_processes(["sparsify", *_tiny(folder), "-o", str(tmp_path / "ddp"), "--json"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["processes"] == 2 and report["metrics"]["nm_exact"] == 1.0
+
+
+def _attached(flags: dict):
+    import timm
+
+    from evcli.methods.sparsify.method import SparsifyMethod
+
+    method = SparsifyMethod(resolve_recipe("sparsify", flags=flags))
+    model = timm.create_model("test_resnet", num_classes=3)
+    method.attach_to(model)
+    return method, model
+
+
+def test_scores_are_model_parameters():
+    """DDP all-reduces only the wrapped model's parameters: scores elsewhere would drift apart between ranks."""
+    for flags in ({"sparsify.nm": "2:4"}, {"sparsify.sparsity": 0.9}):
+        method, model = _attached(flags)
+        params = {id(p) for p in model.parameters()}
+        scores = [p for site in method.sites.values() for p in site.parameters()]
+        assert scores and all(id(p) in params for p in scores)
+
+
+@pytest.mark.parametrize(("ties", "realized"), [("weight", 0.34), ("keep", 0.0)])
+def test_optg_masks_reach_each_epochs_target_when_scores_tie(ties: str, realized: float):
+    """All scores 0 (taps that only see padding never get a gradient): the epoch's sparsity is still realized,
+    ties pruned by the lowest |W|; the reference rule keeps ties (and trains dense), and the logs say so."""
+    method, model = _attached({"sparsify.sparsity": 0.9, "sparsify.optg_ties": ties})
+    method._set_optg_masks(0.34)
+    total = sum(site.mask.numel() for site in method.sites.values())
+    zeros = sum(int((site.mask == 0).sum()) for site in method.sites.values())
+    assert zeros / total == pytest.approx(realized, abs=1.0 / total)
+    assert method.p_e == 0.34 and method.p_realized == pytest.approx(realized, abs=1.0 / total)
+    if ties == "weight":  # the smallest |W| of the whole model went first
+        pruned = torch.cat([m.weight.detach().abs()[s.mask == 0] for m, s in zip(method.layer_modules.values(),
+                                                                                  method.sites.values())])
+        kept = torch.cat([m.weight.detach().abs()[s.mask == 1] for m, s in zip(method.layer_modules.values(),
+                                                                               method.sites.values())])
+        assert pruned.max() <= kept.min()
+    method._set_optg_masks(0.9)  # the target itself: exact either way
+    zeros = sum(int((site.mask == 0).sum()) for site in method.sites.values())
+    assert zeros == round(0.9 * total)
+
+
+def test_lbc_does_no_mask_work_once_frozen():
+    """After t_f the scores are frozen: no re-zeroing, no mask recomputation on any later step."""
+    method, model = _attached({"sparsify.nm": "2:4"})
+    site = next(iter(method.sites.values()))
+    method.k = site.combos - 1
+    method.frozen = True
+    method._freeze()
+    method._rezero()  # the last pass, at the freeze
+    x = torch.randn(2, 3, 16, 16)
+    model(x)
+    versions = [s.alpha._version for s in method.sites.values()]
+    caches = [s._cache for s in method.sites.values()]
+    for _ in range(3):
+        method._rezero()  # what every later training step and optimizer step call
+        model(x)
+    assert [s.alpha._version for s in method.sites.values()] == versions
+    assert all(s._cache is c for s, c in zip(method.sites.values(), caches))
+    assert all(is_nm(s.masked_weight(m.weight), 2, 4) for m, s in zip(method.layer_modules.values(),
+                                                                       method.sites.values()))

@@ -123,6 +123,35 @@ def builtin_digits() -> tuple[ArraySource, ArraySource]:
     )
 
 
+class SubsetSource(ImageSource):
+    """The images of another source at the given indices."""
+
+    def __init__(self, source: ImageSource, indices: Sequence[int]):
+        self.source = source
+        self.indices = list(indices)
+        self.classes = source.classes
+        self.labels = [source.labels[i] for i in self.indices]
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(self.indices[index])
+
+
+def balanced_subset(labels: Sequence[int], size: int) -> list[int]:
+    """``size`` indices taking the classes in turn (round robin, each class's images in file order), sorted."""
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    queues = [by_class[c] for c in sorted(by_class)]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < size:
+        for q in queues:
+            if depth < len(q) and len(picked) < size:
+                picked.append(q[depth])
+        depth += 1
+    return sorted(picked)
+
+
 def idx_sources(root: Path) -> tuple[ArraySource, ArraySource]:
     """An MNIST-style IDX folder (MNIST, Fashion-MNIST) as (train, val = the t10k files)."""
     train_images, train_labels = load_idx_split(root, "train")
@@ -234,6 +263,10 @@ def build_classification_data(
         train_src = FolderSource(root / "train", skip_corrupt=cfg.skip_corrupt)
         val_src = FolderSource(root / "val", classes=train_src.classes, skip_corrupt=cfg.skip_corrupt)
         description = f"ImageFolder {root}"
+    subset = getattr(cfg, "train_subset", None)
+    if subset is not None and subset < len(train_src):
+        train_src = SubsetSource(train_src, balanced_subset(train_src.labels, subset))
+        description += f" (train subset: {subset} images, class-balanced)"
     return ClassificationData(
         train=SeededDataset(train_src, train_tf, seed),
         val=SeededDataset(val_src, eval_tf, seed),

@@ -74,6 +74,10 @@ class SparsifyConfig:
     # OptG: train the last part with masks fixed at exactly `sparsity`, the sigmoid schedule squeezed into the
     # rest (the card's fix for short runs, where p*sigmoid never gets near p); paper: 0step
     optg_fixed_tail: Duration = Duration("0step")
+    # OptG scores tied at the threshold (0 before they get a gradient, e.g. taps that only see padding): "weight"
+    # prunes exactly the epoch's target, ties broken by the lowest |W|; "keep" is the reference's rule (ties
+    # kept, so the realized sparsity can stay far below the target until the last step)
+    optg_ties: Literal["weight", "keep"] = "weight"
     magnitude_schedule: Literal["oneshot", "gradual"] = "oneshot"  # mask once at t_i, or ramp t_i..t_f
     magnitude_scope: Literal["layer", "global"] = "global"  # unstructured magnitude: per layer or global
     srste_decay: float = 2e-4  # SR-STE sparse-refined decay lambda_W on pruned weights

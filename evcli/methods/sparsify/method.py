@@ -69,6 +69,8 @@ class SparsifyMethod(ClassifierMethod):
         # schedule state (saved in state_dict)
         self.k = 0  # LBC: combinations removed per group
         self.frozen = False  # LBC: scores frozen (one combination left)
+        self._zeroed_frozen = False  # LBC: the frozen scores have had their last re-zeroing
+        self.p_realized = 0.0  # OptG: fraction of zeros in the current masks
         self.p_e = 0.0  # OptG: sparsity of the current masks
         self.mag_level = 0.0  # magnitude: fraction of the final pruning applied so far (0..1)
         self.layer_report: list[dict[str, Any]] = []
@@ -209,10 +211,13 @@ class SparsifyMethod(ClassifierMethod):
             self._set_magnitude_level(level)
 
     def _rezero(self) -> None:
-        """LBC: zero the k lowest scores of every group again."""
-        if self.kind == "lbc" and self.k > 0:
-            for site in self.sites.values():
-                site.remove(self.k)
+        """LBC: zero the k lowest scores of every group again. Once the scores are frozen they cannot move: one
+        last pass, then no per-step mask work at all (the cached masks stay valid)."""
+        if self.kind != "lbc" or self.k <= 0 or (self.frozen and self._zeroed_frozen):
+            return
+        for site in self.sites.values():
+            site.remove(self.k)
+        self._zeroed_frozen = self.frozen
 
     def _freeze(self) -> None:
         for site in self.sites.values():
@@ -223,15 +228,17 @@ class SparsifyMethod(ClassifierMethod):
     def _set_optg_masks(self, sparsity: float) -> None:
         sites = list(self.sites.values())
         scores = [s.scores for s in sites]
-        if sparsity == self.cfg.sparsity:
-            # the target itself (fixed tail, end of training, export): exactly p, ties at τ broken by |W|
+        if sparsity == self.cfg.sparsity or self.cfg.optg_ties == "weight":
+            # exactly the target (always at the end: fixed tail, last step, export), ties at τ broken by |W|
             weights = [self.layer_modules[n].weight.abs() for n in self.sites]
             masks = global_threshold_masks(scores, sparsity, tiebreak=weights)
         else:
-            masks = global_threshold_masks(scores, sparsity)
+            masks = global_threshold_masks(scores, sparsity)  # the reference: ties at τ kept
         for site, mask in zip(sites, masks):
             site.mask = mask
         self.p_e = sparsity
+        total = sum(m.numel() for m in masks)
+        self.p_realized = sum(int((m == 0).sum()) for m in masks) / max(total, 1)
 
     def _magnitude_masks(self, weights: list[torch.Tensor], masks: list[torch.Tensor], level: float) -> list:
         """Masks at ``level`` (0 = dense, 1 = the target) ranking |W ⊙ current mask| (pruning never reverses)."""
@@ -275,7 +282,8 @@ class SparsifyMethod(ClassifierMethod):
         if self.kind == "lbc":
             logs["lbc_removed"] = torch.tensor(float(self.k))
         elif self.kind == "optg":
-            logs["optg_sparsity"] = torch.tensor(self.p_e)
+            logs["optg_sparsity_target"] = torch.tensor(self.p_e)
+            logs["optg_sparsity"] = torch.tensor(self.p_realized)  # what the masks hold
         elif self.kind == "magnitude":
             logs["magnitude_level"] = torch.tensor(self.mag_level)
         return StepOutput(loss, logs)
@@ -379,6 +387,7 @@ class SparsifyMethod(ClassifierMethod):
             "k": self.k,
             "frozen": self.frozen,
             "p_e": self.p_e,
+            "p_realized": self.p_realized,
             "mag_level": self.mag_level,
         }
 
@@ -389,6 +398,7 @@ class SparsifyMethod(ClassifierMethod):
             raise RecipeError(f"checkpoint holds '{state.get('kind')}' sparsify state, the recipe is '{self.kind}'")
         self.k = int(state["k"])
         self.p_e = float(state["p_e"])
+        self.p_realized = float(state.get("p_realized", self.p_e))
         self.mag_level = float(state["mag_level"])
         if state["frozen"] and not self.frozen:
             self.frozen = True
