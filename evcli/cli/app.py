@@ -12,6 +12,7 @@ import sys
 import typer
 
 from evcli import __version__
+from evcli.cli import coarse2fine as coarse2fine_cmd
 from evcli.cli import deshadow as deshadow_cmd
 from evcli.cli import distill_gan as distill_gan_cmd
 from evcli.cli import env as env_cmd
@@ -49,6 +50,7 @@ def root(
 
 # One line per method subcommand, added when the subcommand works.
 app.add_typer(mix_cmd.app, name="mix")
+app.add_typer(coarse2fine_cmd.app, name="coarse2fine")
 app.add_typer(deshadow_cmd.app, name="deshadow")
 app.add_typer(sparsify_cmd.app, name="sparsify")
 app.add_typer(qat_cmd.app, name="qat")
