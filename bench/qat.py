@@ -256,9 +256,8 @@ def main() -> None:
         )
         print(f"{r['run']:>10}: top-1 {r['top1']:.2f}%{extra}")
     for k, t in timings.items():
-        print(
-            f"{k}: skip saves {100 * t['wall_time_saved_fraction']:.1f}% of fwd+bwd ({t['channels_skipped_fraction']:.2f} of channels)"
-        )
+        saved, frac = 100 * t["wall_time_saved_fraction"], t["channels_skipped_fraction"]
+        print(f"{k}: skip saves {saved:.1f}% of fwd+bwd ({frac:.2f} of channels skipped)")
     print(f"-> {args.out}")
 
 
