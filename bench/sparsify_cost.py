@@ -1,8 +1,9 @@
 """The costs of LBC against SR-STE: training-step time (interleaved in one process), score memory, packed size.
 
-1. Step time: forward + backward + SGD step of timm resnet18 (32 px, batch 32) with dense, SR-STE 2:4, LBC 2:4
-   while scores train (all combinations alive, k = 2) and LBC after t_f (scores frozen, mask cached); the
-   variants run interleaved, repetition by repetition, so machine drift hits them alike; ratios of medians.
+1. Step time: one training step of the engine as `evcli sparsify` runs it (Trainer._train_step: the method's
+   per-step schedule work, forward, backward, SGD step) of timm resnet18 (32 px, batch 32) with dense, SR-STE 2:4,
+   LBC 2:4 while scores train (k = 2 of 6 combinations removed) and LBC after t_f (scores frozen); the variants
+   run interleaved, repetition by repetition, so machine drift hits them alike; medians of per-repetition ratios.
 2. Memory of LBC scores for resnet50 (default layer targeting) at 2:4 and 4:8, computed from the parameter
    shapes: C(M,N)/M scores per weight, fp32, plus the SGD momentum buffer.
 3. Packed 2:4 size against dense fp16: resnet50 with 2:4 masks on its targeted layers, written to disk both ways.
@@ -25,48 +26,50 @@ import time
 from pathlib import Path
 
 
+def _trainer(kind: str, batch: int, size: int):  # noqa: ANN202
+    """A prepared Trainer of `evcli sparsify` (no run folder): the engine's training step, as the CLI runs it."""
+    from evcli.engine.trainer import Trainer
+    from evcli.recipe import resolve_recipe
+    from evcli.registry import get_command
+
+    flags = {
+        "model.name": "resnet18",
+        "data.img_size": size,
+        "data.batch_size": batch,
+        "data.workers": 0,
+        "schedule.epochs": 100,  # the schedule stays where each variant puts it
+        "schedule.warmup": "0step",
+        "train.seed": 0,
+        "sparsify.method": {"lbc_training": "lbc", "lbc_frozen": "lbc"}.get(kind, kind),
+        **({} if kind == "dense" else {"sparsify.nm": "2:4"}),
+        "sparsify.update_every": "epoch",
+    }
+    recipe = resolve_recipe("sparsify", flags=flags)
+    trainer = Trainer(recipe, get_command("sparsify").load_method_class()(recipe), run_dir=None)
+    trainer._setup_training()
+    method = trainer.method
+    if kind == "lbc_training":
+        method.k = 2  # mid-schedule: two of the six combinations removed, scores training
+    elif kind == "lbc_frozen":
+        method.k = next(iter(method.sites.values())).combos - 1  # after t_f: exact 2:4, scores frozen
+        method.frozen = True
+        method._freeze()
+    return trainer
+
+
 def _variants(batch: int, size: int):  # noqa: ANN202
-    import timm
     import torch
 
-    from evcli.methods.sparsify.layers import LBCSite, SRSTESite, attach, select_layers
-
-    def build(kind: str):  # noqa: ANN202
-        torch.manual_seed(0)
-        model = timm.create_model("resnet18", num_classes=10)
-        sites = []
-        if kind != "dense":
-            for _, mod in select_layers(model, [], [], 4).selected:
-                site = (
-                    LBCSite(mod.weight.shape, 2, 4)
-                    if kind.startswith("lbc")
-                    else SRSTESite(mod.weight.shape, 2, 4, 2e-4)
-                )
-                attach(mod, site)
-                sites.append(site)
-        params = list(model.parameters()) + [p for s in sites for p in s.parameters()]
-        if kind == "lbc_frozen":
-            for s in sites:
-                s.remove(s.combos - 1)
-                s.alpha.requires_grad_(False)
-            params = list(model.parameters())
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-        return model, sites, opt
-
+    out = {}
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
-    out = {}
     for kind in ("dense", "srste", "lbc_training", "lbc_frozen"):
-        model, sites, opt = build(kind)
+        trainer = _trainer(kind, batch, size)
+        stream = iter(lambda: (x, y), None)
 
-        def step(model=model, sites=sites, opt=opt, kind=kind) -> None:
-            if kind == "lbc_training":
-                for s in sites:
-                    s.remove(2)  # the per-iteration re-zeroing, mid-schedule
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def step(trainer=trainer, stream=stream) -> None:
+            trainer._train_step(stream)
+            trainer.ctx.step += 1
 
         out[kind] = step
     return out
@@ -88,6 +91,7 @@ def step_times(reps: int, batch: int, size: int) -> dict:
     ratio = lambda a, b: statistics.median([x / y for x, y in zip(times[a], times[b])])  # noqa: E731
     return {
         "model": "resnet18 (timm), default targeting, 2:4",
+        "timed": "evcli's Trainer._train_step (the code path of the CLI), same batch every step",
         "input": f"batch {batch} x 3 x {size} x {size}",
         "reps": reps,
         "median_step_seconds": med,
