@@ -90,6 +90,7 @@ class DataConfig:
     # train on a class-balanced subset of this many training images (the first of each class in file order);
     # null = all. For quick runs and benches on large sets; val is never subsampled
     train_subset: int | None = None
+    val_subset: int | None = None  # the same for the val set (quicker evaluations; says so in the run's data line)
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: float = 0.5
     auto_augment: str | None = None  # timm policy, e.g. rand-m9-mstd0.5-inc1
@@ -106,6 +107,7 @@ class DataConfig:
         "eval_batch_size": f">= 1, <= {MAX_BATCH}",
         "workers": ">= 0, <= 1024",
         "train_subset": ">= 1",
+        "val_subset": ">= 1",
         "scale": "(0, 1]",
         "hflip": "[0, 1]",
         "color_jitter": ">= 0",

@@ -171,9 +171,11 @@ def test_idx_folder_errors(tmp_path: Path):
         _data(root)
 
 
-def test_train_subset_is_class_balanced_and_leaves_val_alone():
+def test_train_and_val_subsets_are_class_balanced():
     data = _data(None, train_subset=50)
     labels = [data.train.source.labels[i] for i in range(len(data.train))]
     assert len(labels) == 50 and all(labels.count(c) == 5 for c in range(10))
     assert len(data.val) == 355
     assert "train subset: 50" in data.description
+    data = _data(None, val_subset=20)
+    assert len(data.train) == 1442 and sorted(data.val.source.labels) == sorted(list(range(10)) * 2)

@@ -267,6 +267,10 @@ def build_classification_data(
     if subset is not None and subset < len(train_src):
         train_src = SubsetSource(train_src, balanced_subset(train_src.labels, subset))
         description += f" (train subset: {subset} images, class-balanced)"
+    subset = getattr(cfg, "val_subset", None)
+    if subset is not None and subset < len(val_src):
+        val_src = SubsetSource(val_src, balanced_subset(val_src.labels, subset))
+        description += f" (val subset: {subset} images, class-balanced)"
     return ClassificationData(
         train=SeededDataset(train_src, train_tf, seed),
         val=SeededDataset(val_src, eval_tf, seed),
