@@ -207,3 +207,11 @@ def test_counted_backward_flops_saved():
     # backward = dX + dW = 2·MACs per layer; frozen weights save their share of dW
     assert backward_flops_saved(rows) == pytest.approx((50 + 300) / 800)
     assert backward_flops_saved([]) == 0.0
+
+
+def test_lsq_init_of_a_sparse_weight_ignores_its_zeros():
+    w = torch.tensor([[2.0, 0.0, -4.0, 0.0]])
+    mask = (w != 0).float()
+    assert float(lsq_init_step(w, 1, mask=mask)) == pytest.approx(2 * 3.0)
+    assert lsq_init_step(w, 1, channel_dim=0, mask=mask).tolist() == pytest.approx([6.0])
+    assert float(lsq_init_step(w, 1)) == pytest.approx(2 * 1.5)

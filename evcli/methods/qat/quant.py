@@ -41,13 +41,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
-def lsq_init_step(x: torch.Tensor, qp: int, channel_dim: int | None = None) -> torch.Tensor:
-    """LSQ's initial step size ``2·mean|x| / sqrt(Qp)`` (per channel along ``channel_dim`` when given)."""
+def lsq_init_step(
+    x: torch.Tensor, qp: int, channel_dim: int | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LSQ's initial step size ``2·mean|x| / sqrt(Qp)`` (per channel along ``channel_dim`` when given); with a 0/1
+    ``mask`` (a kept sparsity pattern) the mean is over the kept entries only."""
     a = x.detach().abs()
+    w = torch.ones_like(a) if mask is None else mask.to(a.dtype)
     if channel_dim is None:
-        m = a.mean()
+        m = (a * w).sum() / w.sum().clamp_min(1)
     else:
-        m = a.transpose(0, channel_dim).reshape(a.shape[channel_dim], -1).mean(1)
+        rows = a.shape[channel_dim]
+        a2 = (a * w).transpose(0, channel_dim).reshape(rows, -1)
+        m = a2.sum(1) / w.transpose(0, channel_dim).reshape(rows, -1).sum(1).clamp_min(1)
     return (2.0 * m / math.sqrt(qp)).clamp_min(1e-8)
 
 
@@ -90,11 +96,11 @@ class LsqQuantizer(nn.Module):
             s = s.reshape(-1, *([1] * (x.dim() - 1)))
         return s
 
-    def init_from(self, x: torch.Tensor) -> None:
-        """LSQ initialisation from a tensor (the weight, or calibration activations)."""
+    def init_from(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """LSQ initialisation from a tensor (the weight, or calibration activations), over ``mask``'s entries."""
         qn, qp = self.qn_qp
         with torch.no_grad():
-            self.step.copy_(lsq_init_step(x, qp, 0 if self.channels else None).reshape(self.step.shape))
+            self.step.copy_(lsq_init_step(x, qp, 0 if self.channels else None, mask).reshape(self.step.shape))
             self.initialized.fill_(True)
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +144,7 @@ class _QuantMixin:
     def keep_sparsity(self, mask: torch.Tensor) -> None:
         """Keep the zeros of a sparse run: the weight is multiplied by this 0/1 mask before quantizing."""
         self.register_buffer("sparse_mask", mask.to(self.weight.dtype))
+        self.w_quant.init_from(self.weight, self.sparse_mask)  # the step of the kept weights, zeros left out
 
     def masked_weight(self) -> torch.Tensor:
         w = self.weight
