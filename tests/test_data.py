@@ -179,3 +179,16 @@ def test_train_and_val_subsets_are_class_balanced():
     assert "train subset: 50" in data.description
     data = _data(None, val_subset=20)
     assert len(data.train) == 1442 and sorted(data.val.source.labels) == sorted(list(range(10)) * 2)
+
+
+def test_shipped_linear_reference_is_what_the_bench_computes():
+    """The result tables quote this number: it must be what logistic regression really scores on the split."""
+    import importlib.util
+    import json
+    from importlib import resources
+
+    spec = importlib.util.spec_from_file_location("refs", Path(__file__).parents[1] / "bench" / "builtin_references.py")
+    refs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refs)
+    shipped = json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
+    assert shipped["linear"]["top1"] == pytest.approx(refs.linear_top1(), abs=0.01)

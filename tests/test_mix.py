@@ -155,3 +155,9 @@ def test_mixup_cutmix_switches_per_batch(switch_prob: float, cutmix_share: float
         copied = torch.isclose(mixed, x) | torch.isclose(mixed, x.flip(0))
         cutmix += int(bool(copied.all()))
     assert abs(cutmix / trials - cutmix_share) <= 0.2
+
+
+def test_result_table_quotes_the_linear_reference_on_builtin_data(tmp_path: Path):
+    r = run_cli(["mix", *TINY_ARGS, "--method", "none", "-o", str(tmp_path / "run")])
+    assert r.code == 0, r.stderr
+    assert "reference" in r.stdout and "logistic regression" in r.stdout

@@ -425,3 +425,18 @@ def classifier_eval_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
         ("val loss", f"{m['loss']:.4f}"),
     ]
+
+
+def builtin_reference_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """On the built-in digits: what a linear model scores on the same val split (a recorded result shipped with
+    the package, bench/builtin_references.py), so a user can judge the run's top-1."""
+    if "built-in digits" not in str(report.get("data", "")) or "val subset" in str(report.get("data", "")):
+        return []
+    import json
+
+    try:
+        refs = json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [("reference", f"a linear model (logistic regression on the pixels) scores {refs['linear']['top1']:.2f}% "
+             "on this val split (recorded)")]  # fmt: skip

@@ -13,6 +13,7 @@ from evcli.cli.common import (
     QuietOption,
     RecipeOption,
     SetOption,
+    builtin_reference_rows,
     classifier_eval_rows,
     classifier_flags,
     evaluate_weights,
@@ -78,6 +79,7 @@ def _rows(report: dict, recipe: object) -> list[tuple[str, str]]:
             f"{report['steps']} ({report['epochs']:.2f} epochs, {report['processes']} process(es), {report['device']})",
         ),
         ("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}%"),
+        *builtin_reference_rows(report),
         ("val loss", f"{m['loss']:.4f}"),
     ]
     if "ema_top1" in m:
