@@ -113,7 +113,7 @@ def _crop_flip(stack: torch.Tensor, crop: int, train: bool) -> torch.Tensor:
 
 
 def _to_unit(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
 
 
 @dataclass

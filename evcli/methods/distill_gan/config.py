@@ -8,6 +8,7 @@ Task defaults (CycleGAN / Pix2Pix, from the CRD card) are ``null`` in the schema
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from evcli.durations import Duration
@@ -134,6 +135,9 @@ class DistillGanConfig:
     def validate(self, recipe: Any) -> None:
         """Cross-key checks (and model.name mirrors the trained generator)."""
         width = self.student_width if self.stage == "student" else self.teacher_width
+        if self.teacher and not Path(self.teacher).expanduser().is_absolute():
+            # stored absolute: eval, export and resume from another directory find the same teacher
+            self.teacher = str(Path(self.teacher).expanduser().absolute())
         for key in ("student_width", "teacher_width"):
             if getattr(self, key) % 4:
                 raise RecipeError(

@@ -203,7 +203,17 @@ class DistillGanMethod(Method):
             source = cfg.vgg
             if source == "auto":
                 source = "pretrained" if self.recipe.data.path is not None or cfg.vgg_weights else "random"
-            features, self.vgg_used = vgg16_features(source, cfg.vgg_weights)
+            try:
+                features, self.vgg_used = vgg16_features(source, cfg.vgg_weights)
+            except CheckpointError as exc:
+                if source != "pretrained" or cfg.vgg_weights:
+                    raise
+                raise CheckpointError(
+                    "the style and feature terms need ImageNet VGG16 weights and none are available offline "
+                    "(torchvision's cache is empty)",
+                    hint="pass --vgg-weights vgg16.safetensors, or --vgg random, or set distill-gan.style_weight=0 "
+                    "and distill-gan.feature_weight=0",
+                ) from exc
             modules["vgg"] = Frozen(VGGTaps(features).requires_grad_(False), self.vgg_used)
         elif cfg.stage == "student" and not cfg.uses_vgg():
             self.vgg_used = "none (style and feature terms off)"
