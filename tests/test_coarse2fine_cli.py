@@ -92,7 +92,9 @@ def test_eval_sweep_and_export(run, tmp_path: Path):
 
 def test_bad_input(run, tmp_path: Path):
     out, _ = run
-    _one_line_error(run_cli(["coarse2fine", "eval", str(out), "--threshold", "1.5"]), 2, "--threshold must be in [0, 1]")
+    _one_line_error(
+        run_cli(["coarse2fine", "eval", str(out), "--threshold", "1.5"]), 2, "--threshold must be in [0, 1]"
+    )
     _one_line_error(run_cli(["coarse2fine", "sweep", str(out), "--thresholds", "0.5,-1"]), 2, "[0, 1]")
     _one_line_error(run_cli(["coarse2fine", "sweep", str(out), "--thresholds", "a,b"]), 2, "separated by commas")
     r = run_cli(["coarse2fine", *TINY, "--threshold", "2", "-o", str(tmp_path / "t")])
@@ -117,25 +119,64 @@ def test_init_from_plain_vit_on_builtin_data_and_dense_baseline(tmp_path: Path, 
     plain = timm.create_model("test_vit", img_size=16, patch_size=4, num_classes=10)
     save_file(dict(plain.state_dict()), str(tmp_path / "plain.safetensors"))
     one = ["--max-steps", "1", "--set", "train.eval_every=1step", "--set", "coarse2fine.sweep=[1.0]"]
-    r = run_cli(["coarse2fine", "--recipe", "coarse2fine/tiny", *one, "--init-from", str(tmp_path / "plain.safetensors"),
-                 "-o", str(tmp_path / "init")])
+    r = run_cli(
+        [
+            "coarse2fine",
+            "--recipe",
+            "coarse2fine/tiny",
+            *one,
+            "--init-from",
+            str(tmp_path / "plain.safetensors"),
+            "-o",
+            str(tmp_path / "init"),
+        ]
+    )
     assert r.code == 0, r.stderr
     assert "plain ViT -> CF-ViT: pos_embed_coarse resampled" in r.stderr
-    r = run_cli(["coarse2fine", "--recipe", "coarse2fine/tiny", *one, "--method", "dense", "--data", str(folder),
-                 "-o", str(tmp_path / "d"), "--json"])
+    r = run_cli(
+        [
+            "coarse2fine",
+            "--recipe",
+            "coarse2fine/tiny",
+            *one,
+            "--method",
+            "dense",
+            "--data",
+            str(folder),
+            "-o",
+            str(tmp_path / "d"),
+            "--json",
+        ]
+    )
     assert r.code == 0, r.stderr
     dense = json.loads(r.stdout)
     assert dense["method"] == "dense" and "eta1/top1" not in dense["metrics"]
-    assert dense["metrics"]["gflops"] > 0 and "pos_embed_coarse" not in load_file(str(tmp_path / "d" / "final.safetensors"))
+    assert dense["metrics"]["gflops"] > 0 and "pos_embed_coarse" not in load_file(
+        str(tmp_path / "d" / "final.safetensors")
+    )
     _one_line_error(run_cli(["coarse2fine", "sweep", str(tmp_path / "d")]), 2, "dense baseline")
 
 
 def test_resume_after_interrupt_is_bit_exact_across_the_selection_switch(
     tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    args = ["coarse2fine", "--recipe", "coarse2fine/tiny", "--data", str(folder), "--max-steps", "3", "--set", "train.eval_every=3step",
-            "--set", "train.ckpt_every=1step", "--set", "coarse2fine.selection_start=2step", "--set",
-            "coarse2fine.sweep=[1.0]"]
+    args = [
+        "coarse2fine",
+        "--recipe",
+        "coarse2fine/tiny",
+        "--data",
+        str(folder),
+        "--max-steps",
+        "3",
+        "--set",
+        "train.eval_every=3step",
+        "--set",
+        "train.ckpt_every=1step",
+        "--set",
+        "coarse2fine.selection_start=2step",
+        "--set",
+        "coarse2fine.sweep=[1.0]",
+    ]
     r = run_cli([*args, "-o", str(tmp_path / "full")])
     assert r.code == 0, r.stderr
     original = Trainer._train_step
@@ -152,7 +193,10 @@ def test_resume_after_interrupt_is_bit_exact_across_the_selection_switch(
     assert r.code == 130, r.stderr
     r = run_cli(["coarse2fine", "--resume", str(tmp_path / "split")])
     assert r.code == 0, r.stderr
-    a, b = load_file(str(tmp_path / "full" / "final.safetensors")), load_file(str(tmp_path / "split" / "final.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "full" / "final.safetensors")),
+        load_file(str(tmp_path / "split" / "final.safetensors")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     flags = [rec["informative"] for rec in logs if "informative" in rec]

@@ -133,8 +133,14 @@ def _eval_rows(report: dict) -> list[tuple[str, str]]:
         rows += [
             ("top-1 (all fine, eta=1)", f"{m['top1']:.2f}%"),
             ("top-1 coarse stage only", f"{m['top1_coarse']:.2f}%"),
-            (f"top-1 at eta={report['threshold']:g}", f"{m['top1_eta']:.2f}% ({100 * m['exit_ratio']:.1f}% exit early)"),
-            ("average GFLOPs at eta", f"{m['gflops']:.4g} (coarse {m['gflops_coarse']:.4g}, both {m['gflops_full']:.4g})"),
+            (
+                f"top-1 at eta={report['threshold']:g}",
+                f"{m['top1_eta']:.2f}% ({100 * m['exit_ratio']:.1f}% exit early)",
+            ),
+            (
+                "average GFLOPs at eta",
+                f"{m['gflops']:.4g} (coarse {m['gflops_coarse']:.4g}, both {m['gflops_full']:.4g})",
+            ),
         ]
     else:
         rows += [("top-1 (dense ViT)", f"{m['top1']:.2f}%"), ("GFLOPs", f"{m['gflops']:.4g}")]
@@ -143,8 +149,12 @@ def _eval_rows(report: dict) -> list[tuple[str, str]]:
 
 @app.command("eval")
 def evaluate(
-    weights: Path = typer.Argument(..., help="Run folder or weights (.safetensors) of a coarse2fine run.", show_default=False),
-    threshold: float = typer.Option(None, "--threshold", help="eta in [0, 1] (default: the run's).", show_default=False),
+    weights: Path = typer.Argument(
+        ..., help="Run folder or weights (.safetensors) of a coarse2fine run.", show_default=False
+    ),
+    threshold: float = typer.Option(
+        None, "--threshold", help="eta in [0, 1] (default: the run's).", show_default=False
+    ),
     recipe: str = RecipeOption,
     data: Path = typer.Option(None, "--data", "-d", help="Data (default: the run's).", show_default=False),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Batch size.", show_default=False),
@@ -227,9 +237,7 @@ def sweep(
     from evcli.methods.coarse2fine.sweep import plot_curve, sweep_run
 
     rec = api.evaluation_recipe("coarse2fine", weights, None, recipe_flags({"data.path": data}), sets or [])
-    result = sweep_run(
-        weights, rec, etas or list(rec.method.sweep), baseline, batch_size, timing_batches, repeats
-    )
+    result = sweep_run(weights, rec, etas or list(rec.method.sweep), baseline, batch_size, timing_batches, repeats)
     folder.mkdir(parents=True, exist_ok=True)
     import json
 
@@ -245,7 +253,7 @@ def sweep(
             (
                 f"eta={r['eta']:g}",
                 f"top-1 {r['top1']:.2f}%  exit {100 * r['exit_ratio']:.0f}%  {r['gflops']:.4g} GFLOPs  "
-                f"{r['images_per_s']:.0f} img/s ({r['speedup_vs_dense']:.2f}x dense)",
+                + (f"{r['images_per_s']:.0f} img/s ({r['speedup_vs_dense']:.2f}x dense)" if r["images_per_s"] else ""),
             )
         )
     d = result["dense"]
@@ -258,7 +266,10 @@ def sweep(
     )
     pick = result["pick"]
     if "eta" in pick:
-        rows.append(("pick", f"eta={pick['eta']:g}: {pick['speedup_vs_dense']:.2f}x dense ({pick['rule']})"))
+        speed = (
+            f"{pick['speedup_vs_dense']:.2f}x dense" if pick.get("speedup_vs_dense") else f"{pick['gflops']:.4g} GFLOPs"
+        )
+        rows.append(("pick", f"eta={pick['eta']:g}: {speed} ({pick['rule']})"))
     rows += [("json", str(json_path)), ("plot", str(png_path))]
     print_result(result, json_out, "evcli coarse2fine sweep", rows)
 

@@ -157,7 +157,10 @@ class CoarseToFineMethod(ClassifierMethod):
                 f"plain ViT -> CF-ViT: pos_embed_coarse resampled from pos_embed to the {module.coarse_grid}x"
                 f"{module.coarse_grid} coarse grid, reuse block ({len(reuse)} tensors) freshly initialised"
             )
-        elif state.get("pos_embed_coarse") is not None and state["pos_embed_coarse"].shape != own["pos_embed_coarse"].shape:
+        elif (
+            state.get("pos_embed_coarse") is not None
+            and state["pos_embed_coarse"].shape != own["pos_embed_coarse"].shape
+        ):
             old = list(state["pos_embed_coarse"].shape)
             state["pos_embed_coarse"] = resample_abs_pos_embed(
                 state["pos_embed_coarse"], new_size=[module.coarse_grid] * 2, num_prefix_tokens=1

@@ -215,7 +215,12 @@ class CFViT(nn.Module):
         return self._head(x), x, cls_attn, embedded
 
     def fine_sequence(
-        self, xf: torch.Tensor, coarse_final: torch.Tensor, cls_attn: torch.Tensor, coarse_embedded: torch.Tensor, informative: bool
+        self,
+        xf: torch.Tensor,
+        coarse_final: torch.Tensor,
+        cls_attn: torch.Tensor,
+        coarse_embedded: torch.Tensor,
+        informative: bool,
     ) -> torch.Tensor:
         """The fine stage's input tokens (see the module docstring)."""
         b, c, d = xf.shape[0], self.coarse_grid, self.embed_dim
@@ -233,7 +238,12 @@ class CFViT(nn.Module):
         return torch.cat([cls, chosen, kept], dim=1)
 
     def fine(
-        self, xf: torch.Tensor, coarse_final: torch.Tensor, cls_attn: torch.Tensor, coarse_embedded: torch.Tensor, informative: bool = True
+        self,
+        xf: torch.Tensor,
+        coarse_final: torch.Tensor,
+        cls_attn: torch.Tensor,
+        coarse_embedded: torch.Tensor,
+        informative: bool = True,
     ) -> torch.Tensor:
         """Stage 2: logits of the fine stage."""
         x = self.fine_sequence(xf, coarse_final, cls_attn, coarse_embedded, informative)
@@ -265,7 +275,9 @@ class CFViT(nn.Module):
         out[idx] = self.fine(x[idx], final[idx], cls_attn[idx], embedded[idx], True).to(out.dtype)
         return out, go_on
 
-    def forward(self, x: torch.Tensor, mode: str = "exit", informative: bool = True, threshold: float | None = None) -> Any:
+    def forward(
+        self, x: torch.Tensor, mode: str = "exit", informative: bool = True, threshold: float | None = None
+    ) -> Any:
         """``mode="exit"``: logits with early exit at ``threshold`` (default: the model's); ``"both"``: the
         (coarse, fine) logits of every image."""
         if mode == "both":

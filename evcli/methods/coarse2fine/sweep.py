@@ -38,7 +38,9 @@ def check_cfvit_source(source: str | Path) -> None:
             f"{source} holds a plain ViT{made}, not a CF-ViT: it has no coarse position embedding or reuse block",
             hint=f"fine-tune it into a CF-ViT first: evcli coarse2fine --init-from {source}",
         )
-    raise UsageError(f"{source} is not a CF-ViT{made}", hint="give the run folder or weights of an evcli coarse2fine run")
+    raise UsageError(
+        f"{source} is not a CF-ViT{made}", hint="give the run folder or weights of an evcli coarse2fine run"
+    )
 
 
 def curve_from_metrics(metrics: dict[str, float], thresholds: list[float]) -> list[dict[str, float]]:
@@ -132,13 +134,14 @@ def sweep_run(
     timing_batches: int = 4,
     repeats: int = 3,
     tolerance: float = 0.5,
+    timed: list[float] | None = None,
 ) -> dict[str, Any]:
     """The sweep of one CF-ViT (``source``: run folder or weights), optionally against a dense baseline run.
 
     Accuracy / exit ratio / FLOPs at each eta come from one evaluation over the whole val set (summed counts);
     throughput is timed on the first ``timing_batches`` full val batches of ``batch_size``, interleaved over the
     etas and the dense ViT of the same size (the baseline's weights when given, else the same architecture with
-    random weights: time does not depend on the values)."""
+    random weights: time does not depend on the values). ``timed``: time only these etas (default: all)."""
     import torch
 
     from evcli import api
@@ -156,14 +159,17 @@ def sweep_run(
     batches = _timing_batches(loaded, batch_size, timing_batches)
     dense_model, dense_row = _dense(recipe, baseline, loaded, batch_size)
     runs: dict[str, Any] = {"dense": dense_model}
-    for eta in recipe.method.sweep:
+    for eta in recipe.method.sweep if timed is None else sorted(set(timed)):
         runs[f"eta={eta:g}"] = lambda x, eta=eta: model.early_exit(x, eta)
     timing = time_models(runs, batches, repeats=repeats)
     dense_speed = timing["dense"]["images_per_s"]
     for r in rows:
-        t = timing[f"eta={r['eta']:g}"]
-        r["images_per_s"] = t["images_per_s"]
-        r["speedup_vs_dense"] = t["images_per_s"] / dense_speed
+        t = timing.get(f"eta={r['eta']:g}")
+        r["images_per_s"] = t["images_per_s"] if t else None
+        r["speedup_vs_dense"] = t["images_per_s"] / dense_speed if t else None
+        if t:
+            r["timing_runs_s"] = t["runs_s"]
+    dense_row["timing_runs_s"] = timing["dense"]["runs_s"]
     dense_row.update({"images_per_s": dense_speed})
     reference = next((r["top1"] for r in rows if r["eta"] >= 1.0), metrics["top1"])
     pick = pick_threshold(rows, reference, tolerance)
@@ -248,9 +254,9 @@ def _dense(recipe: Any, baseline: str | Path | None, loaded: Any, batch_size: in
         warn_tag=False,
     )
     dense = dense.to(next(cf.parameters()).device).eval()
-    from evcli.ops.flops import counting
-
     import torch
+
+    from evcli.ops.flops import counting
 
     with counting(dense) as c:
         dense(torch.zeros(1, 3, recipe.data.img_size, recipe.data.img_size, device=next(cf.parameters()).device))
