@@ -65,6 +65,8 @@ class PointCloudConfig:
     # release: S3DIS training computes height from y while full-scene test uses z (the released code's mismatch)
     height_axis_release: bool = False
     center_normalize: bool = False  # classification: centre and scale into the unit sphere (ScanObjectNN)
+    train_fps_points: int | None = None  # classification: FPS each training cloud to this many once (ScanObjectNN 1200)
+    eval_fps: bool = False  # classification: FPS eval clouds to num_points once (ScanObjectNN); else the first points
     voxel_size: float = 0.04  # segmentation: voxel subsampling
     voxel_max: int = 24000  # segmentation: points per training crop
     loop: int = 30  # segmentation: crops per room per epoch
@@ -83,6 +85,8 @@ class PointCloudConfig:
     votes: int = 1  # classification: test-time votes (random scaling), 1 = none
     vote_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     # --- built-in data (no data.path)
+    # held-out set evaluated: val (selects checkpoints in training) or test (never seen by training or selection)
+    builtin_split: Literal["val", "test"] = "val"
     builtin_per_class: int = 40  # classification: training clouds per class
     builtin_val_per_class: int = 10  # classification: held-out clouds per class
     builtin_rooms: int = 12  # segmentation: training rooms
@@ -95,6 +99,7 @@ class PointCloudConfig:
         "radius_scaling": "> 0",
         "nsample": ">= 1, <= 1024",
         "num_points": ">= 8, <= 10000000",
+        "train_fps_points": ">= 8, <= 10000000",
         "voxel_size": "> 0",
         "voxel_max": ">= 64, <= 100000000",
         "loop": ">= 1, <= 100000",

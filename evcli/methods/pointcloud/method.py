@@ -37,7 +37,21 @@ def _builtin_rooms(count: int, seed_salt: int, n_points: int) -> tuple[np.ndarra
     return tuple(builtin_scene(mix_seed(seed_salt, i), n_points) for i in range(count))
 
 
-BUILTIN_TRAIN, BUILTIN_VAL = 0x7A11, 0x7E57  # seed salts: training and held-out built-in samples never overlap
+def _fps_clouds(clouds: np.ndarray, m: int) -> np.ndarray:
+    """Every cloud (n, P, 3) reduced to ``m`` points by farthest point sampling (start at index 0), once."""
+    from evcli.ops.points import furthest_point_sample
+
+    if clouds.shape[1] <= m:
+        return clouds
+    out = np.empty((len(clouds), m, 3), np.float32)
+    for i, c in enumerate(clouds):
+        idx = furthest_point_sample(torch.from_numpy(np.ascontiguousarray(c[:, :3]))[None], m)[0].numpy()
+        out[i] = c[idx, :3]
+    return out
+
+
+# seed salts of the built-in splits: training, validation (checkpoint selection) and test samples never overlap
+BUILTIN_TRAIN, BUILTIN_VAL, BUILTIN_TEST = 0x7A11, 0x7E57, 0x7E5A
 
 
 def build_point_data(recipe: Recipe, training: bool = True) -> Any:
@@ -73,11 +87,13 @@ def build_point_data(recipe: Recipe, training: bool = True) -> Any:
         )
         if path is None:
             tr = _builtin_clouds(cfg.builtin_per_class, BUILTIN_TRAIN, cfg.builtin_points)
-            va = _builtin_clouds(cfg.builtin_val_per_class, BUILTIN_VAL, cfg.builtin_points)
+            salt = BUILTIN_TEST if cfg.builtin_split == "test" else BUILTIN_VAL
+            va = _builtin_clouds(cfg.builtin_val_per_class, salt, cfg.builtin_points)
             classes = list(SHAPE_CLASSES)
             desc = (
                 f"built-in synthetic shapes (trimesh primitives and compositions, {len(classes)} classes): "
-                f"{len(tr[0])} train / {len(va[0])} held-out clouds of {cfg.builtin_points} surface points"
+                f"{len(tr[0])} train / {len(va[0])} held-out {cfg.builtin_split} clouds of "
+                f"{cfg.builtin_points} surface points"
             )
         else:
             root = Path(path)
@@ -87,6 +103,10 @@ def build_point_data(recipe: Recipe, training: bool = True) -> Any:
             n = int(max(tr[1].max(), va[1].max())) + 1
             classes = [str(i) for i in range(n)]
             desc = f"{root}: {len(tr[0])} train / {len(va[0])} test clouds (HDF5), {n} classes"
+        if cfg.train_fps_points:
+            tr = (_fps_clouds(tr[0], cfg.train_fps_points), tr[1])
+        if cfg.eval_fps:
+            va = (_fps_clouds(va[0], cfg.num_points), va[1])
         num = recipe.model.num_classes or len(classes)
         for labels, split in ((tr[1], "train"), (va[1], "test")):
             if labels.min() < 0 or labels.max() >= num:
@@ -102,13 +122,14 @@ def build_point_data(recipe: Recipe, training: bool = True) -> Any:
     num = recipe.model.num_classes
     if path is None:
         train_rooms = list(_builtin_rooms(cfg.builtin_rooms, BUILTIN_TRAIN, cfg.builtin_room_points))
-        val_rooms = list(_builtin_rooms(cfg.builtin_val_rooms, BUILTIN_VAL, cfg.builtin_room_points))
+        salt = BUILTIN_TEST if cfg.builtin_split == "test" else BUILTIN_VAL
+        val_rooms = list(_builtin_rooms(cfg.builtin_val_rooms, salt, cfg.builtin_room_points))
         train_names = [f"builtin_room_{i}" for i in range(len(train_rooms))]
         val_names = [f"builtin_val_room_{i}" for i in range(len(val_rooms))]
         classes = list(SCENE_CLASSES)
         desc = (
             f"built-in synthetic rooms (floor, walls, boxes, columns, balls): {len(train_rooms)} train / "
-            f"{len(val_rooms)} held-out rooms of {cfg.builtin_room_points} points"
+            f"{len(val_rooms)} held-out {cfg.builtin_split} rooms of {cfg.builtin_room_points} points"
         )
     else:
         root = Path(path)
