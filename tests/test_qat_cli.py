@@ -125,6 +125,10 @@ def test_integer_export_onnx_and_eval(lts_run: tuple[Path, dict]):
     ev = run_cli(["qat", "eval", out["weights"], "--json", "-q"])
     assert ev.code == 0, ev.stderr
     assert json.loads(ev.stdout)["metrics"]["top1"] == report["metrics"]["top1"]
+    # a run folder evaluates its best checkpoint (the fake-quant model with its step sizes)
+    ev = run_cli(["qat", "eval", str(run), "--json", "-q"])
+    assert ev.code == 0, ev.stderr
+    assert json.loads(ev.stdout)["metrics"]["top1"] == report["best"]["top1"]
 
 
 def _sparse_source(path: Path) -> Path:
