@@ -145,6 +145,9 @@ def _restore(trainer: Any, tensors: dict, meta: dict, path: Path, strict: bool =
         trainer.load_modules_from(tensors, str(path), prefix="ema." if ema else "module.")
         trainer.method.load_state_dict(decode_state(meta["state"], tensors)["method"])
         trainer.ctx.step = int(meta.get("step", 0))
+    elif trainer.method.export_is_transformed and meta.get("command") == trainer.recipe.command:
+        trainer.transform()  # the method's own export: the transformed module's state
+        trainer.load_user_weights(tensors, str(path), strict=strict)
     else:
         trainer.load_user_weights(tensors, str(path), strict=strict)
         trainer.transform()
@@ -482,7 +485,8 @@ def measure_weights(recipe: Recipe, state: dict[str, Any], classes: list[str]) -
         trainer.build_data()
     except DataError as exc:
         return {}, f"not measured: the run's val data cannot be read here ({exc.message})"
-    _restore(trainer, state, {"kind": "weights", "classes": classes}, Path("the export"), strict=True)
+    meta = {"kind": "weights", "classes": classes, "command": recipe.command}
+    _restore(trainer, state, meta, Path("the export"), strict=True)
     trainer.val_loaders = trainer.make_val_loaders()
     metrics = trainer._evaluate_all(trainer.eval_modules())
     return metrics, f"measured on the exported weights: {trainer.data.description}"

@@ -154,6 +154,9 @@ def test_evaluation_runs_every_val_set_and_sums_exactly(tmp_path: Path):
         api.evaluation_recipe("toy-quant", run, None, {}, []), run / "checkpoints" / "last.safetensors"
     )
     assert again["metrics"] == report["metrics"]  # the checkpoint, transformed and loaded, scores the same
+    # the method's export is its transformed model (with the learned step size): it loads after transform
+    final = api.evaluate(api.evaluation_recipe("toy-quant", run, None, {}, []), run / "final.safetensors")
+    assert final["metrics"] == report["metrics"]
     loaded = api.load(run / "checkpoints" / "last.safetensors")
     x, y = loaded.trainer.method.build_data(loaded.trainer.ctx).val["b"][(0, 0)]
     assert loaded.model(x[None]).shape == (1, 8)

@@ -138,6 +138,9 @@ class Method:
     owns_step: bool = False  # the method steps its optimizers itself (ctx.step_optimizer)
     ddp_find_unused_parameters: bool = False  # some trained parameters are unused on some steps
     weights_module: str = "model"  # the module --weights / --init-from / eval weights load into
+    # the method's own export is the state of the *transformed* weights module (quantizer step sizes, extra
+    # embeddings...): such a file (same command) loads after transform; other plain weights still load before it
+    export_is_transformed: bool = False
     calibration_batches: int = 0  # training batches handed to calibrate() (0: calibrate is not called)
 
     def __init__(self, recipe: Recipe):

@@ -176,6 +176,7 @@ class ToyQuant(_ToyBase):
     the step size to max|x| / 127 over the calibration batches."""
 
     weights_module = "model"
+    export_is_transformed = True  # the export holds the quantized layer's step size
 
     def __init__(self, recipe: Any):
         super().__init__(recipe)
