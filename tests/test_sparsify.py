@@ -385,3 +385,32 @@ def test_lbc_does_no_mask_work_once_frozen():
     assert all(s._cache is c for s, c in zip(method.sites.values(), caches))
     assert all(is_nm(s.masked_weight(m.weight), 2, 4) for m, s in zip(method.layer_modules.values(),
                                                                        method.sites.values()))
+
+
+def test_verify_reads_a_qat_integer_export(tmp_path: Path):
+    """sparsify -> qat: the integer levels of the kept layers are checked against the pattern the file names."""
+    from evcli.io.checkpoint import save_safetensors
+    from evcli.methods.qat.export import pack_levels
+
+    levels = torch.randint(-8, 8, (8, 16)).to(torch.int8)
+    levels = (levels * nm_mask(levels.float(), 2, 4)).to(torch.int8)
+    dense = torch.randint(1, 8, (4, 8)).to(torch.int8)  # the classifier: 8-bit, never sparse
+    meta = {
+        "kind": "qat_int",
+        "layers": {
+            "fc1": {"shape": [8, 16], "weight_bits": 4, "packed": True},
+            "head": {"shape": [4, 8], "weight_bits": 8, "packed": False},
+        },
+        "sparse": {"pattern": "2:4", "nm": "2:4", "layers": ["fc1"]},
+    }
+    tensors = {"fc1.weight_q": pack_levels(levels, 4), "fc1.weight_scale": torch.tensor(0.1),
+               "head.weight_q": dense, "head.weight_scale": torch.tensor(0.1)}  # fmt: skip
+    save_safetensors(tmp_path / "int.safetensors", tensors, meta)
+    r = run_cli(["sparsify", "verify", str(tmp_path / "int.safetensors"), "--json"])
+    assert r.code == 0, r.stderr
+    assert [row["layer"] for row in json.loads(r.stdout)["layers"]] == ["fc1"]
+    broken = levels.clone()
+    broken[0, :4] = 3  # one group of four with no zero
+    save_safetensors(tmp_path / "bad.safetensors", {**tensors, "fc1.weight_q": pack_levels(broken, 4)}, meta)
+    r = run_cli(["sparsify", "verify", str(tmp_path / "bad.safetensors")])
+    assert r.code == 1 and "fc1" in r.stderr

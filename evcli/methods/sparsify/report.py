@@ -115,6 +115,17 @@ def _load_plain(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         from evcli.ops.nm import unpack_state
 
         return unpack_state(tensors, list(meta.get("packed_layers") or [])), meta
+    if meta.get("kind") == "qat_int":  # an integer export of evcli qat: the weight levels carry the zeros
+        from evcli.methods.qat.export import unpack_levels
+
+        levels = {}
+        for name, info in (meta.get("layers") or {}).items():
+            raw = tensors.get(f"{name}.weight_q")
+            if raw is None:
+                raise CheckpointError(f"{path} lacks {name}.weight_q named in its metadata")
+            q = unpack_levels(raw, int(info["weight_bits"]), info["shape"]) if info.get("packed") else raw
+            levels[f"{name}.weight"] = q.float()
+        return levels, meta
     return model_weights_from(tensors, meta), meta
 
 
@@ -130,6 +141,11 @@ def verify_file(
     tensors, meta = _load_plain(path)
     if nm is not None and sparsity is not None:
         raise UsageError("verify takes --nm or --sparsity, not both")
+    sparse = meta.get("sparse") if meta.get("kind") == "qat_int" else None
+    if nm is None and sparsity is None and sparse:  # a QAT run that kept a sparse run's pattern says which
+        nm, sparsity = sparse.get("nm"), sparse.get("sparsity")
+        if nm is None and sparsity is None:
+            raise UsageError(f"{path} kept {sparse.get('pattern')}; say what to check with --nm 2:4 or --sparsity 0.9")
     if nm is None and sparsity is None:
         recipe = _recipe_of(meta)
         if recipe is None:
@@ -145,7 +161,13 @@ def verify_file(
             raise UsageError(str(exc)) from exc
     elif not 0.0 < float(sparsity) < 1.0:
         raise UsageError(f"--sparsity must be in (0, 1), got {sparsity}")
-    keys, chosen = targeted_keys(meta, tensors, pattern[1] if pattern else None)
+    if meta.get("kind") == "qat_int":
+        layers = list((sparse or {}).get("layers") or [])
+        keys = [f"{name}.weight" for name in layers] or [k for k in tensors if pattern is None or
+                                                          tensors[k].shape[1] % pattern[1] == 0]  # fmt: skip
+        chosen = "the layers the QAT run kept sparse" if layers else "every quantized layer"
+    else:
+        keys, chosen = targeted_keys(meta, tensors, pattern[1] if pattern else None)
     if not keys:
         raise UsageError(f"{path} has no layer that can be checked for {nm or sparsity}")
     rows, failing = [], []
