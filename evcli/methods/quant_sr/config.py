@@ -69,6 +69,7 @@ class QuantSRConfig:
     val_sets: list[str] = field(default_factory=lambda: list(BENCHMARK_SETS))  # subfolders of benchmark to evaluate
     repeat: int = 20  # training patches per HR image per epoch (DIV2K: 800 images x 20 = 16000 = 1000 x 16)
     augment: bool = True  # random h-flip, v-flip, transpose
+    cache: bool = False  # keep decoded HR training images in memory (8-bit; DIV2K's 800 take ~7 GB per worker)
     val_crop: int | None = None  # centre-crop val HR images to this size (null: whole images)
     builtin_val_crop: int | None = 256  # the built-in held-out photos are centre-cropped to this (null: whole)
 
