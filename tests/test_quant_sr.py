@@ -204,3 +204,23 @@ def test_model_size_counts_packed_bits():
     assert size["fp32_size_bytes"] == 4 * count_parameters(fp)
     body_w = 4 * 8 * 8 * 9  # four 3x3 8->8 quantized convs
     assert size["fp32_size_bytes"] - size["size_bytes"] == 4 * body_w - body_w * 2 // 8 - 4 * 8 - 6 * 8
+
+
+def test_shipped_recipes_load_with_the_cards_settings():
+    from evcli.cli.common import shipped_recipes
+
+    names = [n for n in shipped_recipes() if n.startswith("quant-sr/")]
+    assert {"quant-sr/tiny", "quant-sr/tiny_fp", "quant-sr/edsr_x4_fp"} <= set(names)
+    for bits in (2, 3, 4):
+        r = resolve_recipe("quant-sr", recipe_file=shipped_recipes()[f"quant-sr/edsr_x4_ddtb_{bits}bit"])
+        assert r.method.bits == bits and r.method.method == "ddtb" and r.method.scale == 4
+        assert r.data.img_size == 192 and r.data.batch_size == 16 and r.schedule.epochs == 59
+        assert [resolve_duration(m, 1000, 59000) for m in r.schedule.milestones] == [9000, 19000, 29000, 39000, 49000]
+        assert resolve_duration(r.method.gate_warmup, 1000, 59000) == 4000
+        assert r.method.calib_batches == 1000 and r.method.resolved_ratio() == 0.3 and r.method.bound_lr == 1e-2
+    pams = resolve_recipe("quant-sr", recipe_file=shipped_recipes()["quant-sr/edsr_x4_pams_2bit"])
+    assert pams.method.method == "pams" and pams.method.bits == 2
+    srres = resolve_recipe("quant-sr", recipe_file=shipped_recipes()["quant-sr/srresnet_x4_ddtb_2bit"])
+    assert srres.method.arch == "srresnet" and srres.method.resolved_ratio() == 0.1
+    for name in names:
+        resolve_recipe("quant-sr", recipe_file=shipped_recipes()[name])
