@@ -224,3 +224,16 @@ def test_shipped_recipes_load_with_the_cards_settings():
     assert srres.method.arch == "srresnet" and srres.method.resolved_ratio() == 0.1
     for name in names:
         resolve_recipe("quant-sr", recipe_file=shipped_recipes()[name])
+
+
+def test_pams_weight_codes_round_trip():
+    conv = QuantConv2d(4, 4, 3, padding=1, bits=3, mode="sym")
+    x = torch.randn(1, 4, 5, 5)
+    ref = conv(x).detach()
+    codes, low, high = conv.codes()
+    assert int(codes.max()) <= 6 and float(low) == -float(high)  # 2 * (2^(k-1) - 1) + 1 symmetric levels
+    conv.weight.data.copy_(codes.float())
+    conv.w_low.copy_(low)
+    conv.w_high.copy_(high)
+    conv.weight_is_codes.fill_(True)
+    assert torch.allclose(conv(x), ref, atol=1e-5)

@@ -178,7 +178,10 @@ app.command("train")(
         TRAIN_FLAGS,
         _train_rows,
         "evcli quant-sr train",
-        "Train full-precision (--bits 32) or quantize (--bits 2/3/4 --teacher FP) an SR network.",
+        "Train full-precision (--bits 32) or quantize (--bits 2/3/4 --teacher FP) an SR network (built-in photos "
+        "without --data).\n\nExamples:\n\n  evcli quant-sr train --bits 32 --out runs/edsr_fp\n\n"
+        "  evcli quant-sr train --method ddtb --bits 2 --teacher runs/edsr_fp\n\n"
+        "  evcli quant-sr train --recipe quant-sr/edsr_x4_ddtb_2bit --data ~/data/DIV2K --teacher edsr_x4.safetensors",
         group=False,
         check=_check_train,
     )
