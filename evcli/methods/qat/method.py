@@ -112,6 +112,7 @@ class QatMethod(ClassifierMethod):
         self.history: list[dict[str, Any]] = []  # one row per epoch
         self.sums = {"steps": 0, "frozen": 0.0, "flops": 0.0, "ep_steps": 0, "ep_frozen": 0.0, "ep_flops": 0.0}
         self._last_frozen = 0.0
+        self._step_started = -1
 
     # --- building -----------------------------------------------------------------------------
 
@@ -324,6 +325,7 @@ class QatMethod(ClassifierMethod):
 
     def training_step(self, modules: Any, batch: Any, ctx: Any) -> StepOutput:
         if self.kind == "lts" and ctx.micro_step == 0:
+            self._step_started = ctx.step  # steps done before this one
             self.lts_step(modules.unwrap("model"), ctx)
         out = super().training_step(modules, batch, ctx)
         logs = {}
@@ -353,17 +355,25 @@ class QatMethod(ClassifierMethod):
         s["ep_steps"] += 1
         s["ep_frozen"] += frozen
         s["ep_flops"] += flops
+        done = self._step_started + 1
+        if done == ctx.total_steps and done % ctx.steps_per_epoch:
+            # the run ends inside an epoch (max_steps): report that partial epoch too
+            self._close_epoch(ctx, done // ctx.steps_per_epoch, done, rows, partial=True)
 
     def on_epoch_end(self, epoch: int, ctx: Any) -> None:
         if self.kind != "lts":
             return
-        rows = self.layer_rows(ctx.modules.unwrap("model"))
+        self._close_epoch(ctx, epoch, ctx.step, self.layer_rows(ctx.modules.unwrap("model")), partial=False)
+
+    def _close_epoch(self, ctx: Any, epoch: int, step: int, rows: list[dict[str, Any]], partial: bool) -> None:
+        """One row of the per-epoch LTS report (and its log line); resets the epoch's running sums."""
         s = self.sums
         n = max(1, s["ep_steps"])
         self.history.append(
             {
                 "epoch": epoch,
-                "step": ctx.step,
+                "step": step,
+                "partial": partial,
                 "frozen_end": self.frozen_fraction(rows),
                 "updates_eliminated": s["ep_frozen"] / n,
                 "backward_flops_saved_counted": s["ep_flops"] / n,
@@ -374,9 +384,10 @@ class QatMethod(ClassifierMethod):
         )
         h = self.history[-1]
         log(
-            f"lts epoch {epoch}: {100 * h['frozen_end']:.1f}% of weights frozen, {100 * h['updates_eliminated']:.1f}% "
-            f"of weight updates eliminated this epoch, {100 * h['backward_flops_saved_counted']:.1f}% of the "
-            f"quantized layers' backward FLOPs saved (counted), {h['channels_skipped']} channels skipped"
+            f"lts epoch {epoch}{' (partial)' if partial else ''}: {100 * h['frozen_end']:.1f}% of weights frozen, "
+            f"{100 * h['updates_eliminated']:.1f}% of weight updates eliminated in the epoch, "
+            f"{100 * h['backward_flops_saved_counted']:.1f}% of the quantized layers' backward FLOPs saved (counted), "
+            f"{h['channels_skipped']} channels skipped"
         )
         s["ep_steps"], s["ep_frozen"], s["ep_flops"] = 0, 0.0, 0.0
 

@@ -33,13 +33,13 @@ def write_lts_report(
     ax1.set_xlabel("weights frozen at the end (%)")
     ax1.set_title(f"{title}: LTS frozen weights per layer", fontsize=9)
     if history:
-        ep = [h["epoch"] + 1 for h in history]
+        ep = [h["step"] for h in history]
         ax2.plot(ep, [100 * h["frozen_end"] for h in history], "o-", label="frozen at epoch end")
         ax2.plot(ep, [100 * h["updates_eliminated"] for h in history], "s-", label="updates eliminated (epoch)")
         ax2.plot(
             ep, [100 * h["backward_flops_saved_counted"] for h in history], "^-", label="backward FLOPs saved (counted)"
         )
-        ax2.set_xlabel("epoch")
+        ax2.set_xlabel("step (end of each epoch)")
         ax2.set_ylim(0, 100)
         ax2.legend(fontsize=7)
     ax2.set_title(
