@@ -53,24 +53,27 @@ def test_lts_run_folder_report_and_state(lts_run: tuple[Path, dict]):
     for name in ("lts.png", "lts.json", "final.safetensors", "metrics.jsonl", "resolved_recipe.yaml"):
         assert (run / name).exists(), name
     ckpt = load_file(str(run / "checkpoints" / "last.safetensors"))
-    for part in (
-        "lts.distance",
-        "lts.prev_level",
-        "lts.frozen_step",
-        "lts.frozen_value",
-        "w_quant.step",
-        "a_quant.step",
-    ):
-        assert any(k.endswith(part) for k in ckpt), part
-    # the classifier is 8-bit and never freezes (v2 code); the first conv is 8-bit
-    assert not any(k.startswith("module.model.fc.lts.") for k in ckpt)
+    for part in ("w_quant.step", "a_quant.step", "a_quant.signed"):
+        assert any(k.startswith("module.model.") and k.endswith(part) for k in ckpt), part
+    # the per-weight LTS state is the method's checkpointed state, not part of the model's weights
+    assert not any(".lts." in k for k in ckpt if k.startswith("module."))
+    lts = {k.removeprefix("state.method.lts."): v for k, v in ckpt.items() if k.startswith("state.method.lts.")}
+    for part in ("distance", "prev_level", "frozen_step", "frozen_value", "started"):
+        assert any(k.endswith("." + part) for k in lts), part
+    # the classifier is 8-bit and never freezes (v2 code)
+    assert not any(k.startswith("fc.") for k in lts)
     # frozen weights hold exactly the value they had when they froze
-    for key in [k for k in ckpt if k.endswith("lts.frozen_step")]:
-        layer = key.removesuffix("lts.frozen_step")
-        frozen = ckpt[key] > 0
-        assert torch.equal(ckpt[layer + "weight"][frozen], ckpt[layer + "lts.frozen_value"][frozen])
+    for key in [k for k in lts if k.endswith(".frozen_step")]:
+        layer = key.removesuffix("frozen_step")
+        frozen = lts[key] > 0
+        weight = ckpt["module.model." + layer + "weight"]
+        assert torch.equal(weight[frozen], lts[layer + "frozen_value"][frozen])
     final = load_file(str(run / "final.safetensors"))
     assert not any(".lts." in k for k in final) and any(k.endswith("w_quant.step") for k in final)
+    # the export loads after transform (engine: export_is_transformed) and scores like the run
+    ev = run_cli(["qat", "eval", str(run / "final.safetensors"), "--json", "-q"])
+    assert ev.code == 0, ev.stderr
+    assert json.loads(ev.stdout)["metrics"]["top1"] == report["metrics"]["top1"]
 
 
 def test_resume_after_a_kill_is_bit_exact(lts_run: tuple[Path, dict], data: Path, tmp_path: Path, monkeypatch):

@@ -26,7 +26,7 @@ from torch import nn
 
 from evcli.console import log
 from evcli.engine.method import OptimizerSpec, StepOutput, decay_groups
-from evcli.errors import UsageError
+from evcli.errors import CheckpointError, UsageError
 from evcli.methods.classifier import ClassifierMethod
 from evcli.methods.qat.lts import backward_flops_saved, lts_rho, lts_update, restore_frozen, zero_frozen_grad
 from evcli.methods.qat.quant import LtsState, QuantConv2d, QuantLinear, is_quant_layer
@@ -125,6 +125,7 @@ class QatMethod(ClassifierMethod):
     def attach_to(self, model: nn.Module) -> None:
         """Swap the targeted layers of ``model`` for quantized ones (in place)."""
         c = self.cfg
+        self._model = model  # the trained model (DDP wraps this object): its LTS state is in state_dict()
         chosen, first, last = select_quant_layers(model, c.targets, c.ignore)
         if not chosen:
             raise UsageError(
@@ -396,7 +397,8 @@ class QatMethod(ClassifierMethod):
             return {}
         rows = self.layer_rows(modules.unwrap("model"))
         out = {"weight_bits": float(self.cfg.resolved_bits()[0]), "act_bits": float(self.cfg.resolved_bits()[1])}
-        if self.kind == "lts":
+        lts = [m.lts for _, m in self.lts_layers(modules.unwrap("model"))]
+        if lts and any(bool(s.started) for s in lts):  # not for a weights file (its LTS state is not in it)
             out["frozen"] = self.frozen_fraction(rows)
         if self.sparse_source:
             zeros = total = 0
@@ -411,9 +413,9 @@ class QatMethod(ClassifierMethod):
     # --- the end ------------------------------------------------------------------------------
 
     def export(self, modules: Any, ctx: Any) -> dict[str, torch.Tensor]:
-        """The quantized model's state (weights, step sizes, kept masks); LTS training buffers dropped."""
+        """The quantized model's state (weights, step sizes, kept masks); the LTS state is training state only."""
         model = modules.unwrap("model")
-        return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lts." not in f".{k}"}
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def artifacts(self, modules: Any, out_dir: Any, ctx: Any) -> dict[str, str]:
         """lts.json (per-layer frozen fractions, per-epoch history) and lts.png for LTS runs."""
@@ -458,13 +460,18 @@ class QatMethod(ClassifierMethod):
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             "kind": self.kind,
             "layer_macs": dict(self.layer_macs),
             "sparse_source": dict(self.sparse_source),
             "history": list(self.history),
             "sums": dict(self.sums),
         }
+        model = getattr(self, "_model", None)
+        if self.kind == "lts" and model is not None:
+            # per-weight LTS state: distance EMA, previous level, freeze step, frozen value (exact resume)
+            state["lts"] = {name: layer.lts.state() for name, layer in self.lts_layers(model)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -475,3 +482,13 @@ class QatMethod(ClassifierMethod):
         self.sparse_source = dict(state["sparse_source"])
         self.history = list(state["history"])
         self.sums = {k: (int(v) if k.endswith("steps") else float(v)) for k, v in state["sums"].items()}
+        model = getattr(self, "_model", None)
+        if self.kind == "lts" and model is not None:
+            saved = state.get("lts") or {}
+            layers = dict(self.lts_layers(model))
+            if set(saved) != set(layers):
+                raise CheckpointError(
+                    f"the checkpoint's LTS state covers {len(saved)} layers, this model has {len(layers)} LTS layers"
+                )
+            for name, layer in layers.items():
+                layer.lts.load(saved[name])

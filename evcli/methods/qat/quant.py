@@ -184,22 +184,40 @@ class _QuantMixin:
 
 
 class LtsState(nn.Module):
-    """Per-weight Lottery Ticket Scratcher state of one layer, all buffers (checkpointed, so resume is exact).
+    """Per-weight Lottery Ticket Scratcher state of one layer: training state, kept out of the model's weights.
 
-    Buffers: ``distance`` (EMA D of |ŵ - q| in level units), ``prev_level`` (q of the last update),
-    ``frozen_step`` (step at which the weight froze, 0 = not frozen; permanent), ``frozen_value`` (the latent
-    weight at that step, restored after every optimizer step), ``started`` (the EMA has its first value).
+    Buffers (non-persistent: the method's ``state_dict`` checkpoints them, so resume is exact, while the model's
+    own state, its exports and evaluation loads stay free of them): ``distance`` (EMA D of |ŵ - q| in level
+    units), ``prev_level`` (q of the last update), ``frozen_step`` (step at which the weight froze, 0 = not frozen;
+    permanent), ``frozen_value`` (the latent weight at that step, restored after every optimizer step),
+    ``started`` (the EMA has its first value).
     """
 
-    def __init__(self, weight: torch.Tensor, enabled: bool = True):
+    NAMES = ("distance", "prev_level", "frozen_step", "frozen_value", "started")
+
+    def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.enabled = enabled
-        self.register_buffer("distance", torch.zeros_like(weight))
-        self.register_buffer("prev_level", torch.zeros(weight.shape, dtype=torch.int8))
-        self.register_buffer("frozen_step", torch.zeros(weight.shape, dtype=torch.int32))
-        self.register_buffer("frozen_value", torch.zeros_like(weight))
-        self.register_buffer("started", torch.tensor(False))
-        self.active_channels: torch.Tensor | None = None  # derived from frozen_step (not saved)
+        self.register_buffer("distance", torch.zeros_like(weight.detach()), persistent=False)
+        self.register_buffer("prev_level", torch.zeros(weight.shape, dtype=torch.int8), persistent=False)
+        self.register_buffer("frozen_step", torch.zeros(weight.shape, dtype=torch.int32), persistent=False)
+        self.register_buffer("frozen_value", torch.zeros_like(weight.detach()), persistent=False)
+        self.register_buffer("started", torch.tensor(False), persistent=False)
+        self.active_channels: torch.Tensor | None = None  # derived from frozen_step
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The buffers, for the method's checkpointed state."""
+        return {n: getattr(self, n).detach().clone() for n in self.NAMES}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state` (shapes must match)."""
+        for n in self.NAMES:
+            buf = getattr(self, n)
+            value = state[n]
+            if tuple(value.shape) != tuple(buf.shape):
+                raise ValueError(f"LTS {n}: shape {list(value.shape)} vs {list(buf.shape)}")
+            buf.copy_(value.to(buf.device, buf.dtype))
+        self.refresh_channels()
 
     @property
     def frozen(self) -> torch.Tensor:
@@ -212,10 +230,6 @@ class LtsState(nn.Module):
             self.active_channels = None
         else:
             self.active_channels = torch.nonzero(~per_channel).flatten()
-
-    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh_channels()
 
 
 def _partial_conv_forward(layer: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
