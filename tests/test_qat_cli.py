@@ -183,6 +183,11 @@ def test_a_sparse_start_keeps_its_2_4_pattern_through_lsq_and_the_export(data: P
     res = json.loads(out.stdout)
     assert res["sparse"]["ok"] and res["sparse"]["overall_sparsity"] >= 0.5
     assert res["bits"] == [2, 8]
+    # sparsify -> qat: `evcli sparsify verify` passes on the integer export (2:4 of the kept layers' levels)
+    verify = run_cli(["sparsify", "verify", res["weights"], "--json"])
+    assert verify.code == 0, verify.stderr
+    checked = [row["layer"] for row in json.loads(verify.stdout)["layers"]]
+    assert checked == report["qat"]["sparse_source"]["layers"]
 
 
 @pytest.mark.parametrize(
