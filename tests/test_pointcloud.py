@@ -207,3 +207,18 @@ def test_recipe_checks_model_against_task():
         resolve_recipe("pointcloud", sets=["pointcloud.features=rgb_height"])
     r = resolve_recipe("pointcloud", sets=["pointcloud.task=segmentation", "pointcloud.height_axis_release=true"])
     assert r.method.height_index(training=True) == 1 and r.method.height_index(training=False) == 2
+
+
+def test_weights_for_another_class_count_get_a_new_head():
+    from evcli.methods.pointcloud.method import PointCloudMethod
+    from evcli.recipe import resolve_recipe
+
+    rec = resolve_recipe("pointcloud", sets=["model.num_classes=12"])
+    method = PointCloudMethod(rec)
+    method._classes = []
+    target = build_model(ModelSpec("classification", "pointmetabase-s", 3, 12, 0.15, 1.5))
+    source = build_model(ModelSpec("classification", "pointmetabase-s", 3, 10, 0.15, 1.5)).state_dict()
+    state, notes = method.adapt_weights(dict(source), target)
+    assert [n.split(":")[0] for n in notes] == ["head.8.weight", "head.8.bias"]
+    assert state["head.8.weight"].shape == (12, 256) and torch.equal(state["head.0.weight"], source["head.0.weight"])
+    target.load_state_dict(state)  # everything else fits exactly

@@ -199,7 +199,7 @@ def ball_query(
     nsample: int,
     support: torch.Tensor,
     query: torch.Tensor,
-    chunk_rows: int = 256,
+    chunk_rows: int = 128,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Neighbours of each query point within ``radius`` among the support points, as the PointNet++ kernel:

@@ -141,6 +141,7 @@ def render_cloud(
     ax = fig.add_subplot(projection="3d")
     colours = cmap(np.asarray(labels) % 20)
     ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=colours, s=1.5, depthshade=False)
+    ax.set_box_aspect(np.maximum(np.ptp(xyz, 0), 1e-3 * max(float(np.ptp(xyz)), 1e-9)))  # true proportions
     for lab in np.unique(labels)[:20]:
         name = names[lab] if names and 0 <= lab < len(names) else str(lab)
         ax.scatter([], [], [], color=cmap(lab % 20), label=name)
