@@ -160,17 +160,19 @@ def train(fit: Path, method: str, out: Path, args, epochs: int) -> tuple[dict, f
         "model.kwargs": {"embed_dim": args.dim, "depth": args.depth, "num_heads": args.heads},
         "data.path": str(fit),
         "data.img_size": 32,
-        "data.batch_size": 64,
+        "data.batch_size": args.batch_size,
         "data.workers": 0,
         "data.hflip": 0.0,
-        "data.scale": [0.6, 1.0],
+        "data.scale": [args.min_scale, 1.0],
         "data.crop_pct": 1.0,
-        "optim.lr": 1e-3,
+        "optim.lr": args.lr,
         "schedule.epochs": epochs,
         "schedule.warmup": "5%",
         "train.eval_every": "100%",  # one evaluation (of the selection split) at the end: nothing picks a checkpoint
         "train.log_every": 50,
         "coarse2fine.method": method,
+        "coarse2fine.mix_prob": args.mix_prob,  # a few hundred steps: Mixup/CutMix only slow the start down
+        "coarse2fine.label_smoothing": args.label_smoothing,
         "out.dir": str(out),
     }
     shutil.rmtree(out, ignore_errors=True)
@@ -276,6 +278,11 @@ def main() -> None:
     p.add_argument("--timing-batches", type=int, default=6)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tolerance", type=float, default=0.5)
+    p.add_argument("--mix-prob", type=float, default=0.0, help="Mixup/CutMix probability (paper recipe: 1.0)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-scale", type=float, default=0.6, help="RandomResizedCrop area range [min, 1]")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (timing is always batch 64)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from evcli.engine.trainer import Trainer
-from evcli.testing import make_image_folder, run_cli
+from evcli.testing import launch_two_processes, make_image_folder, run_cli
 
 TINY = ["--recipe", "coarse2fine/tiny", "--max-steps", "2", "--set", "train.eval_every=2step"]
 
@@ -201,3 +201,27 @@ def test_resume_after_interrupt_is_bit_exact_across_the_selection_switch(
     logs = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     flags = [rec["informative"] for rec in logs if "informative" in rec]
     assert flags == [0.0, 0.0, 1.0]
+
+
+def test_help_lists_the_commands_and_examples():
+    r = run_cli(["coarse2fine", "--help"])
+    assert r.code == 0
+    for word in ("sweep", "eval", "export", "--threshold", "--coarse-grid", "built-in", "--init-from"):
+        assert word in r.stdout, word
+    r = run_cli(["coarse2fine", "sweep", "--help"])
+    assert r.code == 0 and "--thresholds" in r.stdout and "--baseline" in r.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_sum_the_sweep(tmp_path: Path, folder: Path):
+    """DDP over gloo through accelerate launch: the per-threshold sums reduce over both processes."""
+    args = ["coarse2fine", *TINY, "--data", str(folder), "-o", str(tmp_path / "ddp"), "--json"]
+    proc = launch_two_processes(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["processes"] == 2
+    m = reports[0]["metrics"]
+    assert m["eta0/exit_ratio"] == 1.0 and 0.0 <= m["eta0.5/top1"] <= 100.0
+    r = run_cli(["coarse2fine", "eval", str(tmp_path / "ddp"), "--json"])
+    assert r.code == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["top1"] == pytest.approx(m["top1"])
