@@ -43,6 +43,16 @@ from evcli.methods.distill_gan.method import online_phase, teacher_epoch_decay, 
 from evcli.methods.distill_gan.networks import NLayerDiscriminator, ResnetGenerator, describe_generator
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tiny networks are per-op overhead bound: one torch thread is as fast on a quiet machine and many
+    times faster on a shared one (restored after the module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 def _params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

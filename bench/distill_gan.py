@@ -1,0 +1,157 @@
+"""Benchmark of `evcli distill-gan`: teacher vs student MACs / parameters at 256x256 against the CRD paper, and
+student quality on held-out built-in images for the student alone, L1-to-teacher and CRD at the same budget.
+
+Cost: the counter `evcli distill-gan cost` uses (evcli.methods.distill_gan.cost, torchprofile convention, plus
+the exact count), for the original CycleGAN ResNet-9 generator (ngf 64), CRD's mobile teacher (ngf 64) and
+the mobile student (ngf 16), compared with the paper's 56.8 G / 11.38 M and 1.41 G / 0.137 M.
+
+Quality: all through evcli.api with the CLI's recipes (the code path `evcli distill-gan teacher|student`
+runs), CycleGAN task on the built-in photo2sepia data (train photos only; val = coffee and grace_hopper
+crops, never trained on, no checkpoint selection: the final weights of every run are scored):
+
+1. teacher: mobile ResNet-9, width ``--teacher-width``, ``--teacher-steps`` steps;
+2. the student (mobile ResNet-9, width 16) three ways, each ``--student-steps`` optimizer steps of the
+   student: ``alone`` (its own CycleGAN, no teacher: `teacher --teacher-width 16`), ``l1`` (plain L1 to the
+   teacher's output) and ``crd`` (rows / columns / patches RKD + style / feature with a random VGG16, offline +
+   the teacher's frozen discriminator);
+3. PSNR / SSIM of each student's output against the teacher's on the held-out images (`evcli distill-gan eval`
+   with the teacher), and of the teacher against itself as a check (inf / 1).
+
+    python bench/distill_gan.py [--img-size 32] [--teacher-steps 400] [--student-steps 300] [--out DIR] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+PAPER = {"original_cyclegan": {"macs": 56.8e9, "params": 11.38e6}, "student": {"macs": 1.41e9, "params": 0.137e6}}
+
+
+def cost_section() -> dict:
+    from evcli.methods.distill_gan.cost import count_cost
+    from evcli.methods.distill_gan.method import make_generator
+
+    rows = {
+        "original_cyclegan": count_cost(make_generator("resnet", 64, 9)),
+        "mobile_teacher_w64": count_cost(make_generator("mobile_resnet", 64, 9)),
+        "student": count_cost(make_generator("mobile_resnet", 16, 9)),
+    }
+    for name, paper in PAPER.items():
+        rows[name]["paper_macs"], rows[name]["paper_params"] = paper["macs"], paper["params"]
+        rows[name]["macs_vs_paper"] = rows[name]["macs"] / paper["macs"] - 1
+        rows[name]["params_vs_paper"] = rows[name]["params"] / paper["params"] - 1
+    s, t = rows["student"], rows["original_cyclegan"]
+    return {
+        "generators": rows,
+        "reduction_vs_original": {"macs": t["macs"] / s["macs"], "params": t["params"] / s["params"]},
+        "paper_reduction": {"macs": 56.8 / 1.41, "params": 11.38 / 0.137},
+        "counter": s["counter"],
+        "input": s["input"],
+    }
+
+
+def _recipe(sets: list[str]):
+    from evcli import api
+
+    return api.resolve("distill-gan", recipe_file=ROOT.parent / "evcli/recipes/distill-gan/builtin.yaml", sets=sets)
+
+
+def quality_section(args: argparse.Namespace) -> dict:
+    from evcli import api
+
+    out = Path(args.out)
+    common = [
+        f"data.img_size={args.img_size}",
+        f"data.batch_size={args.batch_size}",
+        "train.eval_every=100000step",
+        f"distill-gan.patch_size={max(4, args.img_size // 4)}",
+        f"distill-gan.builtin_samples={args.batch_size * 50}",
+        "schedule.epochs=1000",
+    ]
+    runs: dict[str, dict] = {}
+
+    def train(name: str, sets: list[str]) -> dict:
+        t0 = time.perf_counter()
+        rec = _recipe([*common, *sets, f"out.dir={out / name}"])
+        report = api.train(rec)
+        runs[name] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "steps": report["steps"],
+            "recipe_sets": [*common, *sets],
+            "trained_parameters": report["trained_modules"],
+        }
+        return report
+
+    train(
+        "teacher",
+        ["distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}", f"schedule.max_steps={args.teacher_steps}"],
+    )
+    teacher = str(out / "teacher")
+    student = [
+        "distill-gan.stage=student",
+        f"distill-gan.teacher_width={args.teacher_width}",
+        f"distill-gan.teacher={teacher}",
+        f"schedule.max_steps={args.student_steps}",
+    ]
+    train("alone", ["distill-gan.stage=teacher", "distill-gan.teacher_width=16", f"schedule.max_steps={args.student_steps}"])
+    train("l1", [*student, "distill-gan.student_loss=l1"])
+    train("crd", [*student, "distill-gan.student_loss=crd"])
+    # every student scored against the teacher on the held-out val images, with the same evaluation recipe
+    eval_recipe = _recipe([*common, *student])
+    scores = {}
+    for name in ("alone", "l1", "crd"):
+        report = api.evaluate(eval_recipe, out / name / "final.safetensors")
+        scores[name] = report["metrics"]
+        runs[name]["data"] = report["data"]
+    return {"runs": runs, "student_vs_teacher_on_heldout": scores}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--teacher-width", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, default=400)
+    p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--out", default="/tmp/evcli-bench-distill-gan")
+    p.add_argument("--result", default=str(ROOT / "results" / "distill_gan.json"))
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: far faster on a contended machine)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("EVCLI_NO_PROGRESS", "1")
+    result = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "torch": torch.__version__,
+        "cpu_contended": True,
+        "torch_threads": args.threads,
+        "cost_at_256": cost_section(),
+    }
+    if not args.skip_quality:
+        result["quality"] = {
+            "task": "CycleGAN photo2sepia (built-in), AtoB; val = held-out coffee / grace_hopper crops",
+            "img_size": args.img_size,
+            "vgg": "random VGG16 features (fixed seed): no ImageNet weights offline",
+            **quality_section(args),
+        }
+    path = Path(args.result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
