@@ -86,6 +86,14 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--opencv", type=Path, default=OPENCV)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "quant_sr.json")
+    ap.add_argument("--work", type=Path, default=None, help="keep the prepared data here (reused when present)")
+    ap.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="an fp32 `evcli quant-sr train --bits 32` run on --work's train/ folder with the same --blocks/--channels "
+        "(trained beforehand, longer than this bench's budget allows); its held-out scores are measured here",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("EVCLI_NO_PROGRESS", "1")
@@ -96,9 +104,17 @@ def main() -> None:
 
     set_quiet(True)
     t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="quant_sr_bench_"))
     opencv = args.opencv if (args.opencv / "data").is_dir() else None
-    used = prepare(work, opencv)
+    if args.work is not None and (args.work / "train").is_dir():
+        work = args.work
+        used = {
+            "train": sorted(p.stem for p in (work / "train").iterdir()),
+            "builtin": sorted(p.stem for p in (work / "benchmark" / "builtin").iterdir()),
+            "opencv": sorted(p.stem for p in (work / "benchmark" / "opencv").iterdir()),
+        }
+    else:
+        work = args.work or Path(tempfile.mkdtemp(prefix="quant_sr_bench_"))
+        used = prepare(work, opencv)
     sets = ["builtin"] + (["opencv"] if used["opencv"] else [])
     base = [
         f"data.path={work / 'train'}",
@@ -128,20 +144,35 @@ def main() -> None:
     )  # fmt: skip
     bic = evaluate_bicubic(fp_recipe)["metrics"]
     results["bicubic"] = {"sets": metrics_of(bic), "size_bytes": 0, "train_s": 0.0}
-    t = time.perf_counter()
-    fp = api.train(fp_recipe)
-    results["fp32"] = {
-        "sets": metrics_of(fp["metrics"]),
-        "size_bytes": fp["size"]["size_bytes"],
-        "train_s": round(time.perf_counter() - t, 1),
-        "steps": fp["steps"],
-    }
+    if args.teacher is None:
+        t = time.perf_counter()
+        fp = api.train(fp_recipe)
+        results["fp32"] = {
+            "sets": metrics_of(fp["metrics"]),
+            "size_bytes": fp["size"]["size_bytes"],
+            "train_s": round(time.perf_counter() - t, 1),
+            "steps": fp["steps"],
+        }
+        teacher = work / "fp"
+    else:
+        teacher = args.teacher
+        done = json.loads((teacher / "report.json").read_text())
+        own = done["metrics"]
+        fp_eval = api.evaluate(fp_recipe, teacher)["metrics"]  # measured here, on the same held-out sets
+        results["fp32"] = {
+            "sets": metrics_of(fp_eval),
+            "size_bytes": int(fp_eval["size_bytes"]),
+            "train_s": done["train_seconds_this_session"],
+            "steps": done["steps"],
+            "trained_beforehand": str(teacher),
+            "teacher_report_psnr": {s: round(own[f"{s}/psnr"], 3) for s in sets if f"{s}/psnr" in own},
+        }
     print(f"fp32: {results['fp32']}", file=sys.stderr)
     for bits in args.bits:
         for method in ("pams", "ddtb"):
             rec = api.resolve(
                 "quant-sr",
-                sets=[*base, f"quant-sr.bits={bits}", f"quant-sr.method={method}", f"quant-sr.teacher={work / 'fp'}",
+                sets=[*base, f"quant-sr.bits={bits}", f"quant-sr.method={method}", f"quant-sr.teacher={teacher}",
                       f"quant-sr.calib_batches={args.calib}", f"schedule.max_steps={args.q_steps}",
                       f"out.dir={work / f'{method}{bits}'}"],
             )  # fmt: skip
@@ -185,7 +216,8 @@ def main() -> None:
             "conv / upsampler / tail in fp32",
             "hr_patch": args.patch,
             "batch": args.batch,
-            "fp32_training": f"{args.fp_steps} steps, Adam lr 5e-4 cosine to 1e-5, L1",
+            "fp32_training": f"{results['fp32']['steps']} steps, Adam lr 5e-4 cosine to 1e-5, L1"
+            + (f" (trained beforehand: {args.teacher})" if args.teacher else ""),
             "quantized_training": f"{args.q_steps} steps each (same budget for PAMS and DDTB), calibration on "
             f"{args.calib} batches, Adam lr 1e-4 (weights) / 1e-2 (bounds), step decay x0.5 at the recipe's relative "
             "milestones, L1 + 1000 AT from the fp32 model, DDTB gate warm-up 6.78% of the steps",
@@ -206,7 +238,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({k: out[k] for k in ("mean_psnr", "targets", "total_s")}, indent=2))
 
 
