@@ -190,7 +190,10 @@ def test_bad_input_gets_one_line(tmp_path: Path, cls_run: Path):
     (tmp_path / "nan.txt").write_text("0 0 0\nnan 1 2\n")
     (tmp_path / "cols.txt").write_text("0 0\n1 1\n")
     (tmp_path / "empty.txt").write_text("")
-    for name, message in (("nan.txt", "NaN"), ("cols.txt", "columns"), ("empty.txt", "empty")):
+    np.save(tmp_path / "pickled.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "broken.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 5\nproperty float x\nend_header\n1\n")
+    cases = (("nan.txt", "NaN"), ("cols.txt", "columns"), ("empty.txt", "empty"), ("pickled.npy", "cannot read"))
+    for name, message in (*cases, ("broken.ply", "")):
         r = run_cli(["pointcloud", "predict", str(tmp_path / name), "--weights", str(cls_run), "--no-png"])
         assert r.code == 3 and message in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
     r = run_cli(["pointcloud", "train", "--task", "detection"])

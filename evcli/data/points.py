@@ -64,7 +64,8 @@ def _read_ply(path: Path) -> np.ndarray:
     try:
         loaded = trimesh.load(str(path), process=False)
     except Exception as exc:  # trimesh raises many types on a broken file
-        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot read {path} as a point cloud ({type(exc).__name__}: {detail})") from exc
     xyz = np.asarray(getattr(loaded, "vertices", np.zeros((0, 3))), np.float32)
     cols = [xyz]
     colors = getattr(getattr(loaded, "visual", None), "vertex_colors", None)

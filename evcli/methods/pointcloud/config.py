@@ -98,7 +98,7 @@ class PointCloudConfig:
         "radius": "> 0",
         "radius_scaling": "> 0",
         "nsample": ">= 1, <= 1024",
-        "num_points": ">= 8, <= 10000000",
+        "num_points": ">= 16, <= 10000000",
         "train_fps_points": ">= 8, <= 10000000",
         "voxel_size": "> 0",
         "voxel_max": ">= 64, <= 100000000",

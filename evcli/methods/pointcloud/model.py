@@ -140,7 +140,7 @@ class SetAbstraction(nn.Module):
             dp, fj = p.transpose(1, 2).unsqueeze(2), None  # absolute xyz, (B, 3, 1, N)
             idx = None
         else:
-            sample = furthest_point_sample(p, p.shape[1] // self.stride)
+            sample = furthest_point_sample(p, max(1, p.shape[1] // self.stride))  # tiny clouds keep one point
             new_p = gather_points(p, sample)
             idx = ball_query(self.radius, self.nsample, p, new_p)
             if self.use_res:
