@@ -293,3 +293,22 @@ def test_pix2pix_aligned_split_and_bad_width(tmp_path: Path):
     _img(tmp_path / "train" / "p.png", 15, 10)
     with pytest.raises(DataError, match="width = 2 x height"):
         pix2pix_folders(tmp_path, 8, 8, 0, "AtoB")
+
+
+def test_frechet_distance_from_summed_moments():
+    from evcli.methods.distill_gan.fid import frechet_distance, moments
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 5, dtype=torch.float64)
+    x = x - x.mean(0)  # zero mean: scaling below changes only the covariance
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    assert frechet_distance(moments(x), moments(x)) == pytest.approx(0.0, abs=1e-6)
+    # same covariance, shifted mean: ||shift||^2
+    assert frechet_distance(moments(x), moments(x + shift)) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # moments add over batches like the engine sums them
+    halves = [moments(x[:150]), moments(x[150:])]
+    summed = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    assert frechet_distance(summed, moments(x + shift)) == pytest.approx(float(shift @ shift), rel=1e-6)
+    # scaled covariance: Tr(S + 4S - 2*2S) = Tr(S)
+    cov = torch.cov(x.T)
+    assert frechet_distance(moments(x), moments(2 * x)) == pytest.approx(float(torch.trace(cov)), rel=1e-4)

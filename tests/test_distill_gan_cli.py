@@ -182,3 +182,22 @@ def test_cost_command_names_counter_and_size():
     assert "torchprofile convention" in c["teacher"]["counter"]
     r = run_cli(["distill-gan", "cost", "--size", "30"])
     assert r.code == 2 and "multiple of 4" in r.stderr
+
+
+@pytest.mark.slow
+def test_fid_with_user_inception_weights(runs: dict[str, Path], tmp_path: Path):
+    from safetensors.torch import save_file
+    from torchvision.models import inception_v3
+
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in inception_v3(weights=None, init_weights=True).state_dict().items()}, weights)
+    r = run_cli(["distill-gan", "eval", str(runs["student"]), "--json"])
+    assert r.code == 0 and "fid" not in json.loads(r.stdout)["metrics"]  # no weights: no number called FID
+    r = run_cli(["distill-gan", "eval", str(runs["student"]), "--inception-weights", str(weights), "--json"])
+    assert r.code == 0, r.stderr
+    fid = json.loads(r.stdout)["metrics"]["fid"]
+    assert np.isfinite(fid) and fid > 0
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(2)}, bad)
+    r = run_cli(["distill-gan", "eval", str(runs["student"]), "--inception-weights", str(bad)])
+    assert r.code == 3 and "does not hold torchvision InceptionV3 weights" in r.stderr

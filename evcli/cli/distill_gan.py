@@ -92,6 +92,16 @@ COMMON = [
         flag("--teacher-arch", help="mobile_resnet (CRD's teacher) or resnet (the original CycleGAN generator)."),
         "distill-gan.teacher_arch",
     ),
+    Flag(
+        "inception_weights",
+        Path,
+        flag(
+            "--inception-weights",
+            help="torchvision InceptionV3 weights (.safetensors): adds FID of the outputs against the val targets "
+            "(torchvision's network, not pytorch-fid's: not comparable with the papers' FIDs).",
+        ),
+        "distill-gan.inception_weights",
+    ),
 ]
 
 TEACHER_FLAGS = [
@@ -149,6 +159,8 @@ def _metric_rows(m: dict[str, float]) -> list[tuple[str, str]]:
         rows.append(("vs ground truth", f"PSNR {m['psnr_vs_target']:.2f} dB / SSIM {m['ssim_vs_target']:.4f}"))
     if "psnr_cycle" in m:
         rows.append(("cycle A->B->A", f"PSNR {m['psnr_cycle']:.2f} dB"))
+    if "fid" in m:
+        rows.append(("FID (torchvision InceptionV3)", f"{m['fid']:.2f}"))
     return rows
 
 
@@ -212,6 +224,9 @@ def evaluate(
     ),
     recipe: str = RecipeOption,
     data: Path = typer.Option(None, "--data", "-d", help="Data root (default: the run's).", show_default=False),
+    inception_weights: Path = typer.Option(
+        None, "--inception-weights", help="torchvision InceptionV3 .safetensors: adds FID.", show_default=False
+    ),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
@@ -221,7 +236,9 @@ def evaluate(
     setup_output(quiet)
     from evcli import api
 
-    flags = recipe_flags({"data.path": data, "distill-gan.teacher": teacher})
+    flags = recipe_flags(
+        {"data.path": data, "distill-gan.teacher": teacher, "distill-gan.inception_weights": inception_weights}
+    )
     rec = api.evaluation_recipe("distill-gan", weights, find_recipe(recipe), flags, sets or [])
     report = api.evaluate(rec, weights)
     rows = [("weights", report["weights"]), ("data", report["data"]), *_metric_rows(report["metrics"])]

@@ -92,6 +92,7 @@ class DistillGanConfig:
     adv_weight: float | None = None  # LSGAN term from the frozen teacher D (null: 1 CycleGAN, 0 Pix2Pix)
     vgg: Literal["auto", "pretrained", "random"] = "auto"  # auto: pretrained with --data, random on built-in data
     vgg_weights: str | None = None  # ImageNet VGG16 as .safetensors (else torchvision's local cache)
+    inception_weights: str | None = None  # torchvision InceptionV3 .safetensors: FID of the outputs vs val targets
     # --- schedule
     n_dis: int | None = None  # CycleGAN online: student epochs per teacher epoch (null: 4); Pix2Pix: teacher every n
     teacher_phase: Duration = Duration("10ep")  # CycleGAN online: teacher training between student phases
@@ -135,9 +136,11 @@ class DistillGanConfig:
     def validate(self, recipe: Any) -> None:
         """Cross-key checks (and model.name mirrors the trained generator)."""
         width = self.student_width if self.stage == "student" else self.teacher_width
-        if self.teacher and not Path(self.teacher).expanduser().is_absolute():
-            # stored absolute: eval, export and resume from another directory find the same teacher
-            self.teacher = str(Path(self.teacher).expanduser().absolute())
+        for key in ("teacher", "inception_weights", "vgg_weights"):
+            value = getattr(self, key)
+            if value and not Path(value).expanduser().is_absolute():
+                # stored absolute: eval, export and resume from another directory find the same file
+                setattr(self, key, str(Path(value).expanduser().absolute()))
         for key in ("student_width", "teacher_width"):
             if getattr(self, key) % 4:
                 raise RecipeError(

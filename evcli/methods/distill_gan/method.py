@@ -217,6 +217,11 @@ class DistillGanMethod(Method):
             modules["vgg"] = Frozen(VGGTaps(features).requires_grad_(False), self.vgg_used)
         elif cfg.stage == "student" and not cfg.uses_vgg():
             self.vgg_used = "none (style and feature terms off)"
+        if cfg.inception_weights:
+            from evcli.methods.distill_gan.fid import InceptionPool
+
+            net = InceptionPool(cfg.inception_weights).requires_grad_(False)
+            modules["inception"] = Frozen(net, f"torchvision InceptionV3 from {cfg.inception_weights} (FID)")
         return modules
 
     def _adv_weight(self) -> float:
@@ -394,11 +399,22 @@ class DistillGanMethod(Method):
         elif self.cfg.stage == "teacher":
             rec = (modules["G_B"](out).float() + 1) / 2
             sums["psnr_cycle"] = psnr(rec.clamp(0, 1), (a.float() + 1) / 2).sum()
+        if "inception" in modules:
+            from evcli.methods.distill_gan.fid import moments
+
+            for side, images in (("fake", out), ("real", batch["B"])):
+                sums.update({f"fid_{side}_{k}": v for k, v in moments(modules["inception"](images)).items()})
         return sums
 
     def summarize(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
         n = float(sums["n"])
-        return {k: float(v) / max(n, 1.0) for k, v in sums.items() if k != "n"}
+        metrics = {k: float(v) / max(n, 1.0) for k, v in sums.items() if k != "n" and not k.startswith("fid_")}
+        if "fid_fake_n" in sums:
+            from evcli.methods.distill_gan.fid import frechet_distance
+
+            fake, real = ({k: sums[f"fid_{side}_{k}"] for k in ("n", "sum", "outer")} for side in ("fake", "real"))
+            metrics["fid"] = frechet_distance(fake, real)
+        return metrics
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -449,6 +465,12 @@ class DistillGanMethod(Method):
             "student_loss": self.cfg.student_loss if self.cfg.stage == "student" else None,
             "teacher": self.teacher_source or None,
             "vgg": self.vgg_used,
+            "fid_network": (
+                f"torchvision InceptionV3 pool features from {self.cfg.inception_weights} (not pytorch-fid's FID "
+                "Inception: not comparable with the papers' FIDs); real statistics from the val target images"
+                if self.cfg.inception_weights
+                else "none (no --inception-weights: no FID)"
+            ),
             "cost_at_256": self.cost(),
         }
 
