@@ -368,6 +368,7 @@ class ClsSettings:
     center_normalize: bool = False
     augment: Augment | None = None
     seed: int = 0
+    train_first_points: bool = False  # the first num_points in a random order (ModelNet40), else a random subset
 
 
 class ClassificationClouds(Dataset):
@@ -389,7 +390,10 @@ class ClassificationClouds(Dataset):
         s = self.s
         if self.train:
             rng = np.random.default_rng(mix_seed(s.seed, epoch, i, 0xC1))
-            xyz = sample_points(pts, s.num_points, rng, self.name)
+            if s.train_first_points and len(pts) >= s.num_points:
+                xyz = pts[: s.num_points][rng.permutation(s.num_points)]
+            else:
+                xyz = sample_points(pts, s.num_points, rng, self.name)
             if s.center_normalize:
                 xyz = center_normalize(xyz)
             if s.augment is not None:

@@ -65,6 +65,7 @@ class PointCloudConfig:
     # release: S3DIS training computes height from y while full-scene test uses z (the released code's mismatch)
     height_axis_release: bool = False
     center_normalize: bool = False  # classification: centre and scale into the unit sphere (ScanObjectNN)
+    train_first_points: bool = False  # classification: train on the first num_points, shuffled (ModelNet40 loader)
     train_fps_points: int | None = None  # classification: FPS each training cloud to this many once (ScanObjectNN 1200)
     eval_fps: bool = False  # classification: FPS eval clouds to num_points once (ScanObjectNN); else the first points
     voxel_size: float = 0.04  # segmentation: voxel subsampling

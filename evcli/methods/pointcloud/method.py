@@ -83,7 +83,13 @@ def build_point_data(recipe: Recipe, training: bool = True) -> Any:
     path = recipe.data.path
     if cfg.task == "classification":
         train_s = ClsSettings(
-            cfg.num_points, cfg.resolved_features(), cfg.height_index(), cfg.center_normalize, aug, seed
+            cfg.num_points,
+            cfg.resolved_features(),
+            cfg.height_index(),
+            cfg.center_normalize,
+            aug,
+            seed,
+            cfg.train_first_points,
         )
         if path is None:
             tr = _builtin_clouds(cfg.builtin_per_class, BUILTIN_TRAIN, cfg.builtin_points)
