@@ -233,6 +233,7 @@ def evaluate(
         shown = str(path)
     trainer.val_loaders = trainer.make_val_loaders()
     metrics = trainer._evaluate_all(trainer.eval_modules())
+    tables = trainer.ctx.last_tables
     return {
         "command": recipe.command,
         "method": getattr(recipe.method, "method", recipe.command),
@@ -240,6 +241,7 @@ def evaluate(
         "weights": shown,
         "data": trainer.data.description,
         "metrics": metrics,
+        **({"tables": tables} if tables else {}),
     }
 
 

@@ -189,9 +189,13 @@ class TrainConfig:
     best_mode: Literal["max", "min"] = "max"  # whether higher or lower best_metric is better
     cpu: bool = False  # force CPU even when CUDA is available
     log_with: list[str] = field(default_factory=list)  # Accelerate trackers: tensorboard, wandb, mlflow, ...
+    # torch CPU threads per process (null: torch's default, one per core); 1 is often much faster on a CPU that
+    # other jobs share (no oversubscription)
+    threads: int | None = None
 
     LIMITS: ClassVar[dict[str, str]] = {
         "seed": f">= 0, <= {MAX_INT}",
+        "threads": ">= 1, <= 1024",
         "grad_accum": f">= 1, <= {MAX_BATCH}",
         "ema_decay": "(0, 1)",
         "log_every": ">= 1",

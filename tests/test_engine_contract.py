@@ -157,6 +157,8 @@ def test_evaluation_runs_every_val_set_and_sums_exactly(tmp_path: Path):
     # the method's export is its transformed model (with the learned step size): it loads after transform
     final = api.evaluate(api.evaluation_recipe("toy-quant", run, None, {}, []), run / "final.safetensors")
     assert final["metrics"] == report["metrics"]
+    # the method's tables (not metrics) travel in both reports, per val set
+    assert report["tables"] == final["tables"] == {"a/counts": {"values": 96}, "b/counts": {"values": 64}}
     loaded = api.load(run / "checkpoints" / "last.safetensors")
     x, y = loaded.trainer.method.build_data(loaded.trainer.ctx).val["b"][(0, 0)]
     assert loaded.model(x[None]).shape == (1, 8)
@@ -241,3 +243,16 @@ def test_one_meaning_of_lr(tmp_path: Path):
         api.resolve("mix", recipe_file=recipe)
     r = run_cli(["mix", *TINY_ARGS, "--lr", "0.1", "--lr-base", "0.1", "-o", str(tmp_path / "both")])
     assert r.code == 2 and "optim.lr and optim.lr_base are both set in flags" in r.stderr
+
+
+def test_train_threads_sets_torch_threads(tmp_path: Path):
+    from evcli.engine.trainer import Trainer
+    from evcli.registry import get_command
+
+    before = torch.get_num_threads()
+    try:
+        recipe = _recipe("toy-quant", tmp_path / "t", **{"train.threads": 1})
+        Trainer(recipe, get_command("toy-quant").load_method_class()(recipe), None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

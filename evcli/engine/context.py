@@ -33,6 +33,8 @@ class TrainContext:
     training: bool = False  # a training run (False: evaluation, export, loading)
     classes: list[str] = field(default_factory=list)  # class names of the data (or of the loaded checkpoint)
     extras: dict[str, Any] = field(default_factory=dict)  # per-run objects a method wants to keep
+    last_metrics: dict[str, float] = field(default_factory=dict)  # of the latest evaluation (all val sets)
+    last_tables: dict[str, Any] = field(default_factory=dict)  # the method's tables of the latest evaluation
     engine: Any = None  # the Trainer (step_optimizer / lr delegate to it)
 
     @property

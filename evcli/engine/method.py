@@ -210,6 +210,12 @@ class Method:
         """Metrics of one evaluation set from its summed tensors."""
         raise NotImplementedError
 
+    def tables(self, sums: dict[str, torch.Tensor], ctx: TrainContext) -> dict[str, Any]:
+        """JSON-able tables of one evaluation set from the same sums (a per-class table, a confusion matrix): not
+        metrics (never logged or used for best), but put in the evaluation report (``tables``, prefixed ``<set>/``
+        when there are several sets) and in ``ctx.last_tables``."""
+        return {}
+
     def model_metrics(self, modules: Modules, ctx: TrainContext) -> dict[str, float]:
         """Metrics of the evaluated modules themselves, not of data (sparsity, bits, frozen fraction), computed
         once per evaluation and merged into every evaluation set's metrics."""

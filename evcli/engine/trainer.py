@@ -187,6 +187,8 @@ class Trainer:
         self.resume_from = resume_from
         self.initial_weights = initial_weights or []
         self.explicit_dir, self.restart = explicit_dir, restart
+        if getattr(recipe.train, "threads", None):
+            torch.set_num_threads(recipe.train.threads)
         self.claim: Any = None
         self._signal = ""
         self.accelerator = make_accelerator(
@@ -196,6 +198,7 @@ class Trainer:
         self.world = self.accelerator.num_processes
         self.ctx = TrainContext(self.accelerator, recipe, run_dir, engine=self)
         self.best: dict[str, Any] = {}
+        self._last_tables: dict[str, Any] = {}
         self.last_ckpt_step: int | None = None
         self._interrupt = False
         self.trained: dict[str, nn.Module] = {}  # prepared (DDP-wrapped where it trains)
@@ -847,17 +850,24 @@ class Trainer:
         """Metrics of every val set (prefixed ``<set>/`` when there are several), EMA ones as ``ema_``."""
         metrics = self._evaluate_all(self.eval_modules())
         if self.ema:
+            tables = self.ctx.last_tables
             ema_metrics = self._evaluate_all(self.eval_modules(ema=True))
             metrics.update({f"ema_{k}": v for k, v in ema_metrics.items()})
+            tables.update({f"ema_{k}": v for k, v in self.ctx.last_tables.items()})
+            self.ctx.last_metrics, self.ctx.last_tables = dict(metrics), tables
         return metrics
 
     def _evaluate_all(self, modules: Modules) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        tables: dict[str, Any] = {}
         several = len(self.val_loaders) > 1
         for name, loader in self.val_loaders.items():
             values = self.evaluate_loader(modules, loader)
             metrics.update({(f"{name}/{k}" if several else k): v for k, v in values.items()})
+            if self._last_tables:
+                tables.update({(f"{name}/{k}" if several else k): v for k, v in self._last_tables.items()})
         metrics.update(self.method.model_metrics(modules, self.ctx))
+        self.ctx.last_metrics, self.ctx.last_tables = dict(metrics), tables
         return metrics
 
     @torch.no_grad()
@@ -890,6 +900,7 @@ class Trainer:
                 out[k] = flat[i : i + n].reshape(sums[k].shape)
                 i += n
             sums = out
+        self._last_tables = self.method.tables(sums, self.ctx)
         return self.method.summarize(sums, self.ctx)
 
     # ------------------------------------------------------------------------------------------
@@ -935,6 +946,8 @@ class Trainer:
                 "run_dir": str(self.run_dir),
                 "files": files,
             }
+            if ctx.last_tables:
+                report["tables"] = ctx.last_tables
             report.update(self.method.report_extras(ctx))
             atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=2) + "\n")
         acc.wait_for_everyone()

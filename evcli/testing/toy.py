@@ -96,6 +96,9 @@ class _ToyBase(Method):
     def summarize(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
         return {"mse": float(sums["sq"] / sums["n"])}
 
+    def tables(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, Any]:
+        return {"counts": {"values": int(sums["n"])}}  # summed over the set (and processes)
+
 
 class ToyGAN(_ToyBase):
     """G maps x to y (L2 to a frozen teacher plus an adversarial term through D); D tells real from fake. The
