@@ -48,6 +48,11 @@ def test_teacher_run_trains_two_generators_and_two_discriminators(runs: dict[str
     exported = load_file(str(runs["teacher"] / "final.safetensors"))
     assert "model.1.weight" in exported and exported["model.1.weight"].shape == (8, 3, 7, 7)  # G_A only
     assert "photo2sepia" in report["data"]
+    # the cycle PSNR needs G_B: measured from the checkpoint, not from the exported G_A alone
+    r = run_cli(["distill-gan", "eval", str(runs["teacher"] / "checkpoints" / "last.safetensors"), "--json"])
+    assert r.code == 0 and json.loads(r.stdout)["metrics"]["psnr_cycle"] == pytest.approx(report["metrics"]["psnr_cycle"])
+    r = run_cli(["distill-gan", "eval", str(runs["teacher"]), "--json"])
+    assert r.code == 0 and "psnr_cycle" not in json.loads(r.stdout)["metrics"]
 
 
 def test_student_run_keeps_the_teacher_out_of_its_checkpoint(runs: dict[str, Path]):

@@ -74,10 +74,14 @@ def frechet_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         cov = ((m["outer"] - n * torch.outer(m["sum"] / n, m["sum"] / n)) / (n - 1)).cpu().numpy()
         stats.append((mu, cov))
     (mu1, s1), (mu2, s2) = stats
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # the usual regularisation of near-singular products (pytorch-fid's)
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    import warnings
+
+    with warnings.catch_warnings():  # a near-singular product (few images) is handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():  # the usual regularisation of near-singular products (pytorch-fid's)
+            eps = np.eye(len(s1)) * 1e-6
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = np.real(covmean)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

@@ -174,6 +174,7 @@ class DistillGanMethod(Method):
         cfg = self.cfg
         if cfg.stage == "teacher":
             self.pools = {"A": ImagePool(cfg.pool_size), "B": ImagePool(cfg.pool_size)}
+            self.teacher_ready = ctx.training  # G_B is trained too (plain exported weights hold G_A only)
             return dict(self._teacher_modules())
         modules: dict[str, nn.Module | Frozen] = {
             "S": make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks)
@@ -396,7 +397,7 @@ class DistillGanMethod(Method):
             b = (batch["B"].float() + 1) / 2
             sums["psnr_vs_target"] = psnr(unit.clamp(0, 1), b).sum()
             sums["ssim_vs_target"] = ssim(unit.clamp(0, 1), b).sum()
-        elif self.cfg.stage == "teacher":
+        elif self.cfg.stage == "teacher" and self.teacher_ready:
             rec = (modules["G_B"](out).float() + 1) / 2
             sums["psnr_cycle"] = psnr(rec.clamp(0, 1), (a.float() + 1) / 2).sum()
         if "inception" in modules:
@@ -482,5 +483,5 @@ class DistillGanMethod(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, pool in self.pools.items():
             pool.load(state.get(f"pool_{k}"))
-        if self.online:
-            self.teacher_ready = True  # a training checkpoint holds the online teacher
+        if self.online or self.cfg.stage == "teacher":
+            self.teacher_ready = True  # a training checkpoint holds the whole teacher (G_B too)
