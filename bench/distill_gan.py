@@ -94,7 +94,11 @@ def quality_section(args: argparse.Namespace) -> dict:
 
     train(
         "teacher",
-        ["distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}", f"schedule.max_steps={args.teacher_steps}"],
+        [
+            "distill-gan.stage=teacher",
+            f"distill-gan.teacher_width={args.teacher_width}",
+            f"schedule.max_steps={args.teacher_steps}",
+        ],
     )
     teacher = str(out / "teacher")
     student = [
@@ -103,7 +107,10 @@ def quality_section(args: argparse.Namespace) -> dict:
         f"distill-gan.teacher={teacher}",
         f"schedule.max_steps={args.student_steps}",
     ]
-    train("alone", ["distill-gan.stage=teacher", "distill-gan.teacher_width=16", f"schedule.max_steps={args.student_steps}"])
+    train(
+        "alone",
+        ["distill-gan.stage=teacher", "distill-gan.teacher_width=16", f"schedule.max_steps={args.student_steps}"],
+    )
     train("l1", [*student, "distill-gan.student_loss=l1"])
     train("crd", [*student, "distill-gan.student_loss=crd"])
     # every student scored against the teacher on the held-out val images, with the same evaluation recipe

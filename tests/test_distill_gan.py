@@ -43,7 +43,6 @@ from evcli.methods.distill_gan.method import online_phase, teacher_epoch_decay, 
 from evcli.methods.distill_gan.networks import NLayerDiscriminator, ResnetGenerator, describe_generator
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """These tiny networks are per-op overhead bound: one torch thread is as fast on a quiet machine and many
@@ -52,6 +51,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 def _params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())

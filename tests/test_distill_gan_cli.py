@@ -20,7 +20,6 @@ TEACHER = ["distill-gan", "teacher", "-r", "distill-gan/tiny"]
 STUDENT = ["distill-gan", "student", "-r", "distill-gan/tiny"]
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """These tiny networks are per-op overhead bound: one torch thread is as fast on a quiet machine and many
@@ -29,6 +28,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -50,7 +50,9 @@ def test_teacher_run_trains_two_generators_and_two_discriminators(runs: dict[str
     assert "photo2sepia" in report["data"]
     # the cycle PSNR needs G_B: measured from the checkpoint, not from the exported G_A alone
     r = run_cli(["distill-gan", "eval", str(runs["teacher"] / "checkpoints" / "last.safetensors"), "--json"])
-    assert r.code == 0 and json.loads(r.stdout)["metrics"]["psnr_cycle"] == pytest.approx(report["metrics"]["psnr_cycle"])
+    assert r.code == 0 and json.loads(r.stdout)["metrics"]["psnr_cycle"] == pytest.approx(
+        report["metrics"]["psnr_cycle"]
+    )
     r = run_cli(["distill-gan", "eval", str(runs["teacher"]), "--json"])
     assert r.code == 0 and "psnr_cycle" not in json.loads(r.stdout)["metrics"]
 
@@ -195,7 +197,9 @@ def test_fid_with_user_inception_weights(runs: dict[str, Path], tmp_path: Path):
     from torchvision.models import inception_v3
 
     weights = tmp_path / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in inception_v3(weights=None, init_weights=True).state_dict().items()}, weights)
+    save_file(
+        {k: v.contiguous() for k, v in inception_v3(weights=None, init_weights=True).state_dict().items()}, weights
+    )
     r = run_cli(["distill-gan", "eval", str(runs["student"]), "--json"])
     assert r.code == 0 and "fid" not in json.loads(r.stdout)["metrics"]  # no weights: no number called FID
     r = run_cli(["distill-gan", "eval", str(runs["student"]), "--inception-weights", str(weights), "--json"])

@@ -85,7 +85,12 @@ COMMON = [
     ),
     Flag("task", str, flag("--task", help="cyclegan (unpaired) or pix2pix (paired)."), "distill-gan.task"),
     Flag("img_size", int, flag("--img-size", help="Training crop in pixels (paper: 256)."), "data.img_size"),
-    Flag("teacher_width", int, flag("--teacher-width", help="Teacher generator width ngf (paper: 64)."), "distill-gan.teacher_width"),
+    Flag(
+        "teacher_width",
+        int,
+        flag("--teacher-width", help="Teacher generator width ngf (paper: 64)."),
+        "distill-gan.teacher_width",
+    ),
     Flag(
         "teacher_arch",
         str,
@@ -122,14 +127,24 @@ STUDENT_FLAGS = [
         ),
         "distill-gan.teacher",
     ),
-    Flag("student_width", int, flag("--student-width", help="Student generator width ngf (paper: 16)."), "distill-gan.student_width"),
+    Flag(
+        "student_width",
+        int,
+        flag("--student-width", help="Student generator width ngf (paper: 16)."),
+        "distill-gan.student_width",
+    ),
     Flag(
         "student_loss",
         str,
         flag("--student-loss", help="crd (the method) or l1 (baseline: plain L1 to the teacher's output)."),
         "distill-gan.student_loss",
     ),
-    Flag("vgg", str, flag("--vgg", help="VGG16 of the style/feature terms: auto, pretrained or random."), "distill-gan.vgg"),
+    Flag(
+        "vgg",
+        str,
+        flag("--vgg", help="VGG16 of the style/feature terms: auto, pretrained or random."),
+        "distill-gan.vgg",
+    ),
     Flag(
         "vgg_weights",
         Path,
@@ -336,5 +351,12 @@ def cost_cmd(
         "macs_reduction": t["macs"] / s["macs"],
         "params_reduction": t["params"] / s["params"],
     }
-    rows = _cost_rows(report) + [("exact MACs (transposed conv at its true cost)", f"teacher {t['macs_exact'] / 1e9:.3f} G, student {s['macs_exact'] / 1e9:.3f} G"), ("counter", t["counter"]), ("input", t["input"])]
+    rows = _cost_rows(report) + [
+        (
+            "exact MACs (transposed conv at its true cost)",
+            f"teacher {t['macs_exact'] / 1e9:.3f} G, student {s['macs_exact'] / 1e9:.3f} G",
+        ),
+        ("counter", t["counter"]),
+        ("input", t["input"]),
+    ]
     print_result(report, json_out, "evcli distill-gan cost", rows)

@@ -304,13 +304,13 @@ def pix2pix_folders(root: Path, img_size: int, load_size: int, seed: int, direct
     for p in (tr_files[0], va_files[0]):
         w, h = load_rgb(p).size
         if w != 2 * h:
-            raise DataError(
-                f"{p} is {w}x{h}: a Pix2Pix aligned image holds A and B side by side (width = 2 x height)"
-            )
+            raise DataError(f"{p} is {w}x{h}: a Pix2Pix aligned image holds A and B side by side (width = 2 x height)")
     b_to_a = direction == "BtoA"
     train = PairedDataset(tr_files, Prep(img_size, load_size, True), seed, b_to_a=b_to_a)
     val = PairedDataset(va_files, Prep(img_size, load_size, False), seed, b_to_a=b_to_a)
-    return GanData(train, val, f"Pix2Pix aligned folders {root} ({direction}): {len(tr_files)} train, {len(va_files)} val")
+    return GanData(
+        train, val, f"Pix2Pix aligned folders {root} ({direction}): {len(tr_files)} train, {len(va_files)} val"
+    )
 
 
 def build_gan_data(recipe: Any) -> GanData:

@@ -96,7 +96,8 @@ class DistillGanConfig:
     # --- schedule
     n_dis: int | None = None  # CycleGAN online: student epochs per teacher epoch (null: 4); Pix2Pix: teacher every n
     teacher_phase: Duration = Duration("10ep")  # CycleGAN online: teacher training between student phases
-    decay_start: Duration = Duration("50%")  # lr constant until here, then linear to 0 (online CycleGAN: of teacher epochs)
+    # lr constant until here, then linear to 0 (online CycleGAN: in teacher epochs)
+    decay_start: Duration = Duration("50%")
     # --- data
     load_size: int | None = None  # training resize before the random crop (null: img_size x 286/256)
     builtin_samples: int = 64  # built-in data: training crops per epoch
@@ -129,8 +130,10 @@ class DistillGanConfig:
         return self.load_size or max(img_size, round(img_size * 286 / 256))
 
     def uses_vgg(self) -> bool:
-        return self.stage == "student" and self.student_loss == "crd" and (
-            self.resolved("style_weight") > 0 or self.resolved("feature_weight") > 0
+        return (
+            self.stage == "student"
+            and self.student_loss == "crd"
+            and (self.resolved("style_weight") > 0 or self.resolved("feature_weight") > 0)
         )
 
     def validate(self, recipe: Any) -> None:
@@ -155,7 +158,9 @@ class DistillGanConfig:
             raise RecipeError(f"recipe key 'distill-gan.load_size' must be >= data.img_size ({size})")
         if self.stage == "student" and self.student_loss == "crd":
             if len(self.resolved("relation_weights")) != 3:
-                raise RecipeError("recipe key 'distill-gan.relation_weights' must be three weights [rows, columns, patches]")
+                raise RecipeError(
+                    "recipe key 'distill-gan.relation_weights' must be three weights [rows, columns, patches]"
+                )
             if (size // self.patch_size) ** 2 < 2 and self.resolved("relation_weights")[2] > 0:
                 raise RecipeError(
                     f"distill-gan.patch_size {self.patch_size} leaves fewer than 2 patches in a {size} px image",

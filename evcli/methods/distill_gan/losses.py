@@ -134,7 +134,9 @@ class VGGTaps(nn.Module):
         return out
 
 
-def style_feature_losses(vgg: VGGTaps, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def style_feature_losses(
+    vgg: VGGTaps, student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over taps of L1 between Gram matrices, L1 between relu2_2 features) of student vs teacher."""
     s_f = vgg(student)
     with torch.no_grad():

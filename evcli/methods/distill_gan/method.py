@@ -176,9 +176,7 @@ class DistillGanMethod(Method):
             self.pools = {"A": ImagePool(cfg.pool_size), "B": ImagePool(cfg.pool_size)}
             self.teacher_ready = ctx.training  # G_B is trained too (plain exported weights hold G_A only)
             return dict(self._teacher_modules())
-        modules: dict[str, nn.Module | Frozen] = {
-            "S": make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks)
-        }
+        modules: dict[str, nn.Module | Frozen] = {"S": make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks)}
         if self.online:
             self.pools = {"A": ImagePool(cfg.pool_size), "B": ImagePool(cfg.pool_size)}
             modules.update(self._teacher_modules())
@@ -282,8 +280,10 @@ class DistillGanMethod(Method):
         logs: dict[str, torch.Tensor] = {}
         total = batch["A"].new_zeros(())
         if phase == "teacher":
-            total = self._cyclegan_step(modules, batch, ctx, logs) if self.cfg.task == "cyclegan" else (
-                self._pix2pix_step(modules, batch, ctx, logs, update_g=True)[0]
+            total = (
+                self._cyclegan_step(modules, batch, ctx, logs)
+                if self.cfg.task == "cyclegan"
+                else (self._pix2pix_step(modules, batch, ctx, logs, update_g=True)[0])
             )
         elif phase == "both":
             update_g = ctx.step % int(self.cfg.resolved("n_dis")) == 0
@@ -348,7 +348,9 @@ class DistillGanMethod(Method):
         logs["d"] = loss_d.detach()
         return total + loss_d.detach(), fake.detach()
 
-    def student_losses(self, modules: Any, a: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def student_losses(
+        self, modules: Any, a: torch.Tensor, s: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The weighted terms of the student loss for student output ``s`` and teacher output ``t``."""
         from evcli.methods.distill_gan.losses import gan_loss, relation_losses, style_feature_losses
 
@@ -368,7 +370,9 @@ class DistillGanMethod(Method):
             terms["adv"] = adv_w * gan_loss(d_a(s), True, cfg.resolved("gan_mode"), False)
         return terms
 
-    def _student_step(self, modules: Any, batch: Any, ctx: Any, logs: dict, teacher_out: torch.Tensor | None) -> torch.Tensor:
+    def _student_step(
+        self, modules: Any, batch: Any, ctx: Any, logs: dict, teacher_out: torch.Tensor | None
+    ) -> torch.Tensor:
         a = batch["A"]
         if teacher_out is None:
             with torch.no_grad():
