@@ -1,0 +1,1 @@
+"""CRD (content relationship distillation) for CycleGAN / Pix2Pix generators: `evcli distill-gan`."""
