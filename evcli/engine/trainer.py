@@ -927,7 +927,10 @@ class Trainer:
                 "command": r.command,
                 "method": getattr(r.method, "method", r.command),
                 "model": r.model.name,
-                "parameters": sum(p.numel() for p in exported.values() if p.is_floating_point()),
+                # floating tensors, and integer weight codes of a quantized export (``<layer>.weight``)
+                "parameters": sum(
+                    p.numel() for k, p in exported.items() if p.is_floating_point() or k.endswith(".weight")
+                ),
                 "trained_modules": {
                     n: sum(p.numel() for p in acc.unwrap_model(m).parameters()) for n, m in self.trained.items()
                 },
