@@ -216,3 +216,29 @@ def test_bad_input_gets_one_line(tmp_path: Path, cls_run: Path):
     np.save(s3dis / "Area_1_x.npy", room)
     r = run_cli([*TINY_SEG, "--data", str(s3dis), "-o", str(tmp_path / "r2")])
     assert r.code == 3 and "label 20 outside" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_full_room_eval_in_two_processes_counts_every_point_once(tmp_path: Path):
+    """The engine path under `accelerate launch` (2 CPU processes, DDP over gloo), full-room evaluation."""
+    from evcli.testing import launch_two_processes
+
+    sets = [
+        "--set",
+        "pointcloud.eval_mode=full",
+        "--set",
+        "pointcloud.loop=2",
+        "--set",
+        "pointcloud.builtin_val_rooms=2",
+    ]
+    args = [*TINY_SEG[1:], *sets, "-o", str(tmp_path / "d"), "--json"]
+    proc = launch_two_processes(["pointcloud", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and report["steps"] == 1  # 4 crops, 2 per process, batch 2
+    from evcli import api
+    from evcli.methods.pointcloud.method import build_point_data
+
+    rooms = build_point_data(api.load(tmp_path / "d").recipe, training=False).val.rooms
+    assert len(rooms) == 2  # one held-out room per process: every original point counted once over both
+    assert report["metrics"]["count"] == float(len(rooms[0]) + len(rooms[1]))

@@ -26,7 +26,7 @@ def confusion_matrix(
 
 
 def confusion_summary(cm: torch.Tensor) -> dict[str, float]:
-    """OA, mAcc and mIoU in percent of a summed confusion matrix."""
+    """OA, mAcc and mIoU in percent of a summed confusion matrix, and the number of targets counted."""
     cm = cm.double()
     tp = cm.diag()
     count = cm.sum(1)
@@ -39,6 +39,7 @@ def confusion_summary(cm: torch.Tensor) -> dict[str, float]:
         "oa": 100.0 * float(tp.sum()) / total if total else 0.0,
         "macc": 100.0 * float(acc.mean()),
         "miou": 100.0 * float(iou.mean()),
+        "count": total,  # samples (classification) or points (segmentation) evaluated
     }
 
 
