@@ -18,7 +18,6 @@ The gate warm-up state is a pure function of the step clock and lives in buffers
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -406,7 +405,3 @@ def evaluate_bicubic(recipe: Recipe) -> dict[str, Any]:
     report = api.evaluate(recipe, None, method=QuantSRMethod(recipe), modules={"model": Bicubic(recipe.method.scale)})
     report["method"] = "bicubic"
     return report
-
-
-def size_ratio(size: dict[str, int]) -> float:
-    return size["fp32_size_bytes"] / max(size["size_bytes"], 1) if size else math.nan
