@@ -140,7 +140,8 @@ def render_cloud(
     fig = plt.figure(figsize=(6, 6), dpi=100)
     ax = fig.add_subplot(projection="3d")
     colours = cmap(np.asarray(labels) % 20)
-    ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=colours, s=1.5, depthshade=False)
+    size = float(np.clip(3000.0 / max(len(xyz), 1), 1.5, 12.0))  # small clouds get bigger dots
+    ax.scatter(xyz[:, 0], xyz[:, 1], xyz[:, 2], c=colours, s=size, depthshade=False)
     ax.set_box_aspect(np.maximum(np.ptp(xyz, 0), 1e-3 * max(float(np.ptp(xyz)), 1e-9)))  # true proportions
     for lab in np.unique(labels)[:20]:
         name = names[lab] if names and 0 <= lab < len(names) else str(lab)
