@@ -54,7 +54,8 @@ def test_help_does_not_import_torch():
 def test_train_writes_a_complete_run(cls_run: Path):
     report = json.loads((cls_run / "report.json").read_text())
     assert {"oa", "macc", "miou"} <= set(report["metrics"]) and report["steps"] == 3
-    assert report["architecture"] == "pointmetabase-s" and len(report["per_class"]) == 10
+    assert report["architecture"] == "pointmetabase-s" and len(report["tables"]["per_class"]) == 10
+    assert sum(row["count"] for row in report["tables"]["per_class"]) == 10  # one held-out cloud per class
     for name in ("resolved_recipe.yaml", "metrics.jsonl", "checkpoints/last.safetensors", "pictures/val_0.png"):
         assert (cls_run / name).exists(), name
 
@@ -63,7 +64,9 @@ def test_eval_reproduces_training_metrics_and_votes(cls_run: Path):
     r = run_cli(["pointcloud", "eval", str(cls_run), "--json"])
     assert r.code == 0, r.stderr
     train = json.loads((cls_run / "report.json").read_text())["metrics"]
-    assert json.loads(r.stdout)["metrics"]["oa"] == pytest.approx(train["oa"])
+    ev = json.loads(r.stdout)
+    assert ev["metrics"]["oa"] == pytest.approx(train["oa"])
+    assert np.array(ev["tables"]["confusion"]).sum() == 10 and ev["tables"]["per_class"][0]["class"] == "sphere"
     r = run_cli(["pointcloud", "eval", str(cls_run), "--votes", "3", "--json"])
     assert r.code == 0, r.stderr
     assert 0 <= json.loads(r.stdout)["metrics"]["oa"] <= 100

@@ -167,10 +167,6 @@ class PointCloudMethod(Method):
 
     weights_module = "model"
 
-    def __init__(self, recipe: Recipe):
-        super().__init__(recipe)
-        self.per_class: list[dict[str, Any]] = []
-
     @property
     def num_classes(self) -> int:
         return self.recipe.model.num_classes or len(self._classes)
@@ -244,10 +240,16 @@ class PointCloudMethod(Method):
 
         cm = sums["cm"].cpu()
         out = confusion_summary(cm)
-        self.per_class = per_class_table(cm, self._class_names())
         if self.cfg.task == "segmentation":
-            out.update({f"iou_{row['class']}": row["iou"] for row in self.per_class})
+            out.update({f"iou_{row['class']}": row["iou"] for row in per_class_table(cm, self._class_names())})
         return out
+
+    def tables(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, Any]:
+        """The per-class table (class, count, accuracy, IoU) and the confusion matrix (rows: truth)."""
+        from evcli.metrics.segmentation import per_class_table
+
+        cm = sums["cm"].cpu()
+        return {"per_class": per_class_table(cm, self._class_names()), "confusion": cm.long().tolist()}
 
     def _class_names(self) -> list[str]:
         return list(getattr(self, "_classes", []) or [])
@@ -260,7 +262,6 @@ class PointCloudMethod(Method):
             "task": self.cfg.task,
             "architecture": self.recipe.model.name,
             "parameters_m": round(count_parameters(model) / 1e6, 4) if model is not None else None,
-            "per_class": self.per_class,
         }
 
     @torch.no_grad()
