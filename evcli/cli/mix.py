@@ -24,7 +24,8 @@ from evcli.cli.common import (
     training_command,
 )
 
-HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup, CutMix or SMMix.
+HELP = """Train an image classifier (any timm model) with batch image mixing: none, Mixup, CutMix, both
+(mixup-cutmix: DeiT's per-batch switch) or SMMix.
 
 SMMix (self-motivated image mixing, arXiv 2212.12977) works on ViTs (timm ViT/DeiT, CaiT, PVT v2):
 half of the batches paste each partner's most-attended region over the image's least-attended one,
