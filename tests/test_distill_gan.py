@@ -312,3 +312,32 @@ def test_frechet_distance_from_summed_moments():
     # scaled covariance: Tr(S + 4S - 2*2S) = Tr(S)
     cov = torch.cov(x.T)
     assert frechet_distance(moments(x), moments(2 * x)) == pytest.approx(float(torch.trace(cov)), rel=1e-4)
+
+
+def test_shipped_recipes_carry_the_cards_settings():
+    from evcli.cli.common import shipped_recipes
+    from evcli.methods.distill_gan.method import teacher_steps_done
+    from evcli.recipe import resolve_recipe
+
+    table = {n: p for n, p in shipped_recipes().items() if n.startswith("distill-gan/")}
+    assert {"distill-gan/crd_horse2zebra", "distill-gan/crd_edges2shoes", "distill-gan/tiny"} <= set(table)
+    recipes = {n.split("/")[1]: resolve_recipe("distill-gan", recipe_file=p) for n, p in table.items()}
+    h2z = recipes["crd_horse2zebra"]
+    c = h2z.method
+    assert (c.task, c.teacher_width, c.student_width, c.resolved("ndf"), c.resolved("gan_mode")) == (
+        "cyclegan", 64, 16, 64, "lsgan",
+    )  # fmt: skip
+    assert c.resolved("relation_weights") == [25.0, 25.0, 25.0] and c.patch_size == 32
+    assert (c.resolved("style_weight"), c.resolved("feature_weight"), c.resolved("adv_weight")) == (1e4, 10.0, 1.0)
+    assert h2z.optim.betas == [0.5, 0.999] and h2z.optim.lr == 2e-4 and h2z.data.batch_size == 1
+    # 1000 epochs of 10 teacher + 40 student: 200 teacher epochs, as the card's 100 + 100
+    assert c.teacher_phase == "10ep" and c.resolved("n_dis") == 4
+    assert teacher_steps_done(h2z.schedule.epochs, 10, 4) == 200
+    p2p = recipes["crd_edges2shoes"].method
+    assert (p2p.task, p2p.resolved("ndf"), p2p.resolved("gan_mode"), p2p.resolved("adv_weight")) == (
+        "pix2pix", 128, "hinge", 0.0,
+    )  # fmt: skip
+    assert p2p.resolved("relation_weights") == [2.5, 2.5, 2.5] and p2p.resolved("relation_reduce") == "sum"
+    assert (p2p.resolved("style_weight"), p2p.resolved("feature_weight")) == (2e4, 20.0)
+    assert recipes["crd_edges2shoes"].data.batch_size == 4
+    assert recipes["tiny"].method.vgg == "random" and recipes["tiny_pix2pix"].method.vgg == "random"
