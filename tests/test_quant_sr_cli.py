@@ -209,3 +209,22 @@ def test_help_is_fast_and_does_not_import_torch(args: list[str]):
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
     assert proc.returncode == 0 and "Usage" in proc.stdout
     assert "torch" not in modules
+
+
+@pytest.mark.slow
+def test_fp_and_ddtb_train_in_two_processes(tmp_path: Path):
+    """The same engine path under `accelerate launch` (2 CPU processes, DDP over gloo): the calibration's choices
+    (gated quantizers, bounds) are rank 0's, broadcast with the module's parameters and buffers."""
+    from evcli.testing import launch_two_processes
+
+    fp = tmp_path / "fp"
+    proc = launch_two_processes([*FP, "--max-steps", "2", "-o", str(fp), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and report["steps"] == 2 and report["metrics"]["images"] == 3.0
+    proc = launch_two_processes([*Q, "--teacher", str(fp), "--max-steps", "2", "-o", str(tmp_path / "q"), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (
+        report["processes"] == 2 and report["metrics"]["images"] == 3.0 and len(report["calibration"]["dynamic"]) == 1
+    )

@@ -155,6 +155,11 @@ class DDTBActQuant(nn.Module):
                 beta = 2.0 * torch.sigmoid(logits)
                 upper = beta[:, 0].view(-1, 1, 1, 1) * upper
                 lower = beta[:, 1].view(-1, 1, 1, 1) * lower
+            elif self.training:
+                # warm-up: static bounds; the logits feed only the warm-up loss. A zero-weighted term keeps them
+                # reachable from the output, so DDP's unused-parameter search does not mark the gate unused and
+                # then see its gradient arrive (values and gradients unchanged).
+                return asym_quantize(x, lower, upper, self.bits) + 0.0 * logits.sum()
         return asym_quantize(x, lower, upper, self.bits)
 
     def gate_parameters(self) -> int:
