@@ -1,7 +1,7 @@
 """CF-ViT bench: FLOPs per stage of DeiT-S against the card, and accuracy / FLOPs / CPU throughput of a CF-ViT against
 the dense ViT of the same size on Fashion-MNIST and on the built-in digits, through the code path the CLI runs.
 
-    python bench/coarse2fine.py          # writes bench/results/coarse2fine.json (10-15 min on 2 contended cores)
+    python bench/coarse2fine.py          # writes bench/results/coarse2fine.json (about 32 min on 2 contended cores)
 
 1. FLOPs: DeiT-S (timm deit_small_patch16_224) at 224 px, batch 1, counted by evcli.ops.flops (named in the JSON):
    dense, CF-ViT 7x7 coarse / fine / eta=1 total, CF-ViT 9x9 at 288 px; torch's FlopCounterMode next to it (fused
