@@ -237,3 +237,10 @@ def test_pams_weight_codes_round_trip():
     conv.w_high.copy_(high)
     conv.weight_is_codes.fill_(True)
     assert torch.allclose(conv(x), ref, atol=1e-5)
+
+
+def test_codes_stay_within_two_to_the_k_levels_at_a_rounding_tie():
+    # l = 0.25, u = 1.75, k = 2: s = 2, s l = 0.5 -> z = 0 (half to even), s u - z = 3.5 -> round = 4 = 2^k:
+    # the clamp keeps q at 3, so x = u maps to 1.5, not to a fifth level at 2.0
+    out = asym_quantize(torch.tensor([0.25, 1.75]), torch.tensor(0.25), torch.tensor(1.75), 2)
+    assert out.tolist() == [0.0, 1.5]
