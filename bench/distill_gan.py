@@ -71,6 +71,7 @@ def quality_section(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     common = [
+        f"distill-gan.task={args.task}",
         f"data.img_size={args.img_size}",
         f"data.batch_size={args.batch_size}",
         "train.eval_every=100000step",
@@ -120,11 +121,15 @@ def quality_section(args: argparse.Namespace) -> dict:
         report = api.evaluate(eval_recipe, out / name / "final.safetensors")
         scores[name] = report["metrics"]
         runs[name]["data"] = report["data"]
-    return {"runs": runs, "student_vs_teacher_on_heldout": scores}
+    # the teacher's own quality (did it learn anything?), from its checkpoint (a CycleGAN teacher needs its G_B)
+    teacher_recipe = _recipe([*common, "distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}"])
+    teacher_eval = api.evaluate(teacher_recipe, out / "teacher" / "checkpoints" / "last.safetensors")["metrics"]
+    return {"runs": runs, "teacher_on_heldout": teacher_eval, "student_vs_teacher_on_heldout": scores}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=("cyclegan", "pix2pix"), default="cyclegan")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--teacher-width", type=int, default=32)
@@ -149,7 +154,12 @@ def main() -> None:
     }
     if not args.skip_quality:
         result["quality"] = {
-            "task": "CycleGAN photo2sepia (built-in), AtoB; val = held-out coffee / grace_hopper crops",
+            "task": (
+                "CycleGAN photo2sepia (built-in), AtoB"
+                if args.task == "cyclegan"
+                else "Pix2Pix edges2photo (built-in), AtoB"
+            )
+            + "; val = held-out coffee / grace_hopper crops",
             "img_size": args.img_size,
             "vgg": "random VGG16 features (fixed seed): no ImageNet weights offline",
             **quality_section(args),
