@@ -19,7 +19,7 @@ Part ``accuracy`` (bench/results/pointcloud_accuracy.json): PointMetaBase-S and 
 (no checkpoint selection) are evaluated on a test split whose clouds neither training nor validation saw.
 
 The machine is shared today (``cpu_contended``): torch runs with 1 thread (2 threads on the contended cores
-were up to 10x slower from oversubscription); the lead re-runs timings on a quiet machine.
+were up to 10x slower from oversubscription); timings are to be re-run on a quiet machine.
 
 Usage: python bench/pointcloud.py --part ops|accuracy|all [--reps 5] [--open3d-path DIR] [--epochs 8] [--points 64]
 """
