@@ -18,8 +18,8 @@ Part ``accuracy`` (bench/results/pointcloud_accuracy.json): PointMetaBase-S and 
 ``evcli.api`` (the CLI's path) with one recipe on the built-in shapes for 3 seeds each; the final weights
 (no checkpoint selection) are evaluated on a test split whose clouds neither training nor validation saw.
 
-The machine is shared today (``cpu_contended``): torch runs with 1 thread (2 threads on the contended cores
-were up to 10x slower from oversubscription); timings are to be re-run on a quiet machine.
+Torch runs with 1 thread (2 threads on contended cores were up to 10x slower from oversubscription);
+``cpu_contended`` in the JSON says whether the 1-minute load average exceeded the core count at the start.
 
 Usage: python bench/pointcloud.py --part ops|accuracy|all [--reps 5] [--open3d-path DIR] [--epochs 8] [--points 64]
 """
@@ -52,7 +52,8 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_contended": True,
+        # more runnable work than cores in the last minute: other jobs shared the CPU
+        "cpu_contended": os.getloadavg()[0] > (os.cpu_count() or 1),
         "load_average": os.getloadavg(),
     }
 
@@ -343,6 +344,9 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)  # before _machine() records it; every part runs with 1 thread
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.part in ("ops", "all"):
         res = {"command": command, "machine": _machine(), **part_ops(args.reps, args.open3d_path)}
