@@ -115,3 +115,16 @@ def test_every_shipped_recipe_loads():
 def test_recipes_symlink_points_at_package_recipes():
     root = Path(__file__).resolve().parents[1]
     assert (root / "recipes").resolve() == (root / "evcli" / "recipes").resolve()
+
+
+def test_builtin_data_defaults_apply_only_to_the_builtin_data(tmp_path, monkeypatch):
+    from evcli.registry import get_command
+
+    spec = get_command("mix")
+    monkeypatch.setattr(spec, "builtin_defaults", {"schedule.epochs": 7, "data.hflip": 0.0})
+    r = resolve_recipe("mix")
+    assert r.schedule.epochs == 7 and r.data.hflip == 0.0
+    assert r.provenance["schedule.epochs"] == "built-in data defaults"
+    assert resolve_recipe("mix", flags={"schedule.epochs": 3}).schedule.epochs == 3  # a flag still wins
+    folder = resolve_recipe("mix", flags={"data.path": str(tmp_path)})
+    assert folder.schedule.epochs == 10 and folder.data.hflip == 0.5  # the user's data: command defaults only
