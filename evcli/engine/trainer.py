@@ -187,7 +187,7 @@ class Trainer:
         self.resume_from = resume_from
         self.initial_weights = initial_weights or []
         self.explicit_dir, self.restart = explicit_dir, restart
-        if getattr(recipe.train, "threads", None):
+        if recipe.train.threads:
             torch.set_num_threads(recipe.train.threads)
         self.claim: Any = None
         self._signal = ""
