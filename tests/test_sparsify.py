@@ -387,6 +387,31 @@ def test_lbc_does_no_mask_work_once_frozen():
                                                                        method.sites.values()))
 
 
+def test_lbc_rezeroes_once_per_change_of_the_scores(monkeypatch):
+    """The per-iteration removal runs once per optimizer step (after it, which also covers the next forward), not
+    again before the forward on unchanged scores; a score that momentum revived is zeroed again."""
+    method, model = _attached({"sparsify.nm": "2:4"})
+    site = next(iter(method.sites.values()))
+    method.k = 2
+    calls = []
+    original = type(site).remove
+    monkeypatch.setattr(type(site), "remove", lambda self, k: (calls.append(k), original(self, k)))
+    method._rezero()
+    assert len(calls) == len(method.sites)
+    method._rezero()  # the forward after: nothing changed
+    assert len(calls) == len(method.sites)
+    zeroed = site.alpha == 0
+    assert int(zeroed.sum()) == 2 * site.alpha.shape[0]
+    with torch.no_grad():
+        site.alpha[zeroed] = 1e-6  # an optimizer step: momentum revived the removed scores (smallest still)
+    method._rezero()
+    assert len(calls) == 2 * len(method.sites)
+    assert torch.equal(site.alpha == 0, zeroed)
+    method.k = 3  # the schedule removed one more combination
+    method._rezero()
+    assert len(calls) == 3 * len(method.sites) and int((site.alpha == 0).sum()) == 3 * site.alpha.shape[0]
+
+
 def test_verify_reads_a_qat_integer_export(tmp_path: Path):
     """sparsify -> qat: the integer levels of the kept layers are checked against the pattern the file names."""
     from evcli.io.checkpoint import save_safetensors

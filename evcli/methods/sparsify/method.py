@@ -69,7 +69,7 @@ class SparsifyMethod(ClassifierMethod):
         # schedule state (saved in state_dict)
         self.k = 0  # LBC: combinations removed per group
         self.frozen = False  # LBC: scores frozen (one combination left)
-        self._zeroed_frozen = False  # LBC: the frozen scores have had their last re-zeroing
+        self._rezeroed: tuple | None = None  # LBC: (k, α versions) right after the last re-zeroing
         self.p_realized = 0.0  # OptG: fraction of zeros in the current masks
         self.p_e = 0.0  # OptG: sparsity of the current masks
         self.mag_level = 0.0  # magnitude: fraction of the final pruning applied so far (0..1)
@@ -211,13 +211,17 @@ class SparsifyMethod(ClassifierMethod):
             self._set_magnitude_level(level)
 
     def _rezero(self) -> None:
-        """LBC: zero the k lowest scores of every group again. Once the scores are frozen they cannot move: one
-        last pass, then no per-step mask work at all (the cached masks stay valid)."""
-        if self.kind != "lbc" or self.k <= 0 or (self.frozen and self._zeroed_frozen):
+        """LBC: zero the k lowest scores of every group again, unless neither k nor any α changed since the last
+        re-zeroing (α's version counter: an optimizer step, a load or a removal bumps it). The card's per-iteration
+        removal runs after each optimizer step, once; frozen scores never change, so they cost no mask work."""
+        if self.kind != "lbc" or self.k <= 0:
             return
-        for site in self.sites.values():
+        sites = list(self.sites.values())
+        if self._rezeroed == (self.k, *(site.alpha._version for site in sites)):
+            return
+        for site in sites:
             site.remove(self.k)
-        self._zeroed_frozen = self.frozen
+        self._rezeroed = (self.k, *(site.alpha._version for site in sites))
 
     def _freeze(self) -> None:
         for site in self.sites.values():
