@@ -171,3 +171,36 @@ def test_debug_shows_traceback(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("EVCLI_DEBUG", "1")
     with pytest.raises(RecipeError):
         run_cli(["mix", "--set", "optim.lrr=1"])
+
+
+def test_help_paragraphs_are_unwrapped(monkeypatch):
+    """Hard-wrapped help paragraphs print as flowing text (Typer keeps single newlines), examples keep their lines."""
+    from evcli.cli.app import unwrap_help
+
+    text = "Summary line\nwrapped.\n\nA paragraph\nover two lines.\n- item one\n- item two\n\n  evcli a\n  evcli b"
+    assert unwrap_help(text) == (
+        "Summary line wrapped.\n\nA paragraph over two lines.\n- item one\n- item two\n\n  evcli a\n  evcli b"
+    )
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli(["sparsify", "--help"])
+    assert r.code == 0
+    assert "with N:M, layers whose input channels do not divide by M" in r.stdout  # one line at 200 columns
+
+
+def test_sparsify_quotes_a_recorded_dense_reference_for_the_same_setting_only():
+    from evcli.cli.common import budget_setting, dense_reference_rows
+    from evcli.recipe import resolve_recipe
+
+    recipe = resolve_recipe("sparsify", flags={"sparsify.nm": "2:4", "model.name": "resnet50"})
+    refs = json.loads((Path(__file__).parents[1] / "evcli/data/builtin_references.json").read_text())
+    report = {"data": "built-in digits (scikit-learn's digits)", "method": "lbc"}
+    recorded = {r["reference_for"]: r for r in refs.get("dense", [])}
+    if "evcli sparsify --nm 2:4 --model resnet50" not in recorded:
+        pytest.skip("no dense reference recorded (bench/builtin_references.py --part dense)")
+    ref = recorded["evcli sparsify --nm 2:4 --model resnet50"]
+    assert ref["setting"] == budget_setting(recipe)  # the shipped record is of today's defaults
+    rows = dense_reference_rows(report, recipe)
+    assert rows and f"{ref['top1']:.2f}%" in rows[0][1]
+    other = resolve_recipe("sparsify", flags={"sparsify.nm": "2:4", "model.name": "resnet50", "schedule.epochs": 3})
+    assert dense_reference_rows(report, other) == []  # another budget: no quote
+    assert dense_reference_rows({**report, "data": "ImageFolder /x"}, recipe) == []

@@ -6,6 +6,7 @@ unreadable, 4 hardware requirement not met, 130 interrupted. ``EVCLI_DEBUG=1`` s
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -60,6 +61,38 @@ app.add_typer(pointcloud_cmd.app, name="pointcloud")
 
 app.add_typer(recipe_cmd.app, name="recipe")
 env_cmd.register(app)
+
+
+def unwrap_help(text: str | None) -> str | None:
+    """Join the hard-wrapped lines of each help paragraph (Typer prints a help text's single newlines as they are,
+    which rewraps into ragged lines in any terminal width). Indented lines (examples) and list items keep theirs."""
+    if not text:
+        return text
+    paragraphs = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in para.splitlines():
+            keep = not lines or line.startswith((" ", "\t", "- ", "* ")) or lines[-1].startswith((" ", "\t"))
+            if keep:
+                lines.append(line)
+            else:
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _unwrap_all(typer_app: typer.Typer) -> None:
+    """Apply :func:`unwrap_help` to a Typer app's help, its commands' and its groups', recursively."""
+    typer_app.info.help = unwrap_help(typer_app.info.help)
+    for command in typer_app.registered_commands:
+        command.help = unwrap_help(command.help or inspect.getdoc(command.callback))
+    for group in typer_app.registered_groups:
+        group.help = unwrap_help(group.help)
+        if group.typer_instance is not None:
+            _unwrap_all(group.typer_instance)
+
+
+_unwrap_all(app)
 
 
 def _clean_message(message: str) -> str:
