@@ -56,6 +56,8 @@ def test_two_optimizers_in_two_processes_synchronise_every_trained_module(tmp_pa
     assert report["frozen_modules"] == {"teacher": "random init (test)"}
     assert set(report["trained_modules"]) == {"G", "D"}
     assert report["parameters"] == sum(t.numel() for t in final.values())
+    # val set "b" has 1 sample: rank 1 evaluated none of it, the summed metrics still count it exactly once
+    assert report["tables"]["b/counts"]["values"] == 1 * 8 and math.isfinite(report["metrics"]["b/mse"])
 
 
 def test_generator_loss_through_the_discriminator_leaves_no_gradient_on_it(tmp_path: Path):

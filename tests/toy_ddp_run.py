@@ -9,7 +9,10 @@ from evcli import api
 from evcli.testing.toy import ToyGAN
 
 out = sys.argv[1]
-recipe = api.resolve("toy-gan", flags={"out.dir": out, "schedule.max_steps": 4, "train.log_every": 1})
+# val set "b" holds 1 sample: rank 1 sees no batch of it and must still take part in the summed evaluation
+recipe = api.resolve(
+    "toy-gan", flags={"out.dir": out, "schedule.max_steps": 4, "train.log_every": 1, "toy-gan.val_b_samples": 1}
+)
 method = ToyGAN(recipe)
 api.train(recipe, method=method)
 rank = int(os.environ.get("RANK", "0"))

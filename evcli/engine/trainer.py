@@ -891,7 +891,16 @@ class Trainer:
             for n, m in modules.trained.items():
                 m.train(modes[n])
         if self.world > 1:
-            keys = sorted(sums)
+            from accelerate.utils import gather_object
+
+            # a rank may have seen no val batch (fewer batches than processes): it has no keys; every rank adds
+            # zeros for the keys and shapes the others summed, so all reduce the same flat tensor
+            layout: dict[str, tuple[int, ...]] = {}
+            for part in gather_object([{k: tuple(v.shape) for k, v in sums.items()}]):
+                layout.update(part)
+            keys = sorted(layout)
+            zeros = {k: torch.zeros(layout[k], dtype=torch.float64, device=acc.device) for k in keys if k not in sums}
+            sums = {**zeros, **sums}
             flat = torch.cat([sums[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, device=acc.device)
             flat = acc.reduce(flat, "sum")
             out, i = {}, 0

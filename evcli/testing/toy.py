@@ -39,6 +39,7 @@ class ToyConfig:
     adv_weight: float = 0.1
     nan_at_step: int = -1  # make the loss NaN at this step (tests of the guard)
     calibration_batches: int = 2
+    val_b_samples: int = 8  # size of val set "b" (1 with 2 processes: a rank sees no val batch of it)
 
 
 register_command(
@@ -85,7 +86,9 @@ class _ToyBase(Method):
     def build_data(self, ctx: Any) -> VectorData:
         n = self.recipe.data.samples
         return VectorData(
-            VectorDataset(n, 1), {"a": VectorDataset(12, 2), "b": VectorDataset(8, 3)}, f"{n} synthetic vectors"
+            VectorDataset(n, 1),
+            {"a": VectorDataset(12, 2), "b": VectorDataset(self.cfg.val_b_samples, 3)},
+            f"{n} synthetic vectors",
         )
 
     def eval_step(self, modules: Any, batch: Any, ctx: Any) -> dict[str, torch.Tensor]:
