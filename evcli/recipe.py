@@ -750,4 +750,5 @@ def explain_provenance(recipe: Recipe) -> str:
         f"{src}: {len(keys)} key(s)" if len(keys) > 6 else f"{src}: {', '.join(keys)}"
         for src, keys in by_source.items()
     ]
-    return "recipe (defaults < file < flags < --set): " + "; ".join(parts)
+    order = "defaults < built-in data defaults < file" if "built-in data defaults" in by_source else "defaults < file"
+    return f"recipe ({order} < flags < --set): " + "; ".join(parts)

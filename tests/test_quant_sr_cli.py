@@ -45,6 +45,7 @@ def test_fp_and_ddtb_runs_write_run_folders_and_reports(runs: dict[str, Path]):
     fp = json.loads((runs["fp"] / "report.json").read_text())
     q = json.loads((runs["ddtb"] / "report.json").read_text())
     assert fp["bits"] == 32 and fp["quantizer"].startswith("none") and "teacher" not in fp["frozen_modules"]
+    assert fp["method"] == "fp32" and q["method"] == "ddtb"
     assert q["bits"] == 2 and q["quantizer"] == "ddtb" and q["frozen_modules"]["teacher"].endswith("final.safetensors")
     assert set(q["optimizers"]) == {"weights", "bounds"} and q["optimizers"]["bounds"]["base_lr"] == 1e-2
     cal = q["calibration"]

@@ -151,14 +151,14 @@ COMMON_TRAIN_FLAGS: list[Flag] = [
 ]
 
 
-def classifier_flags(default_model: str) -> list[Flag]:
+def classifier_flags(default_model: str, builtin_img_size: int = 32) -> list[Flag]:
     """The flags of the image-classifier subcommands (timm model, input size, ImageFolder data, corrupt files)."""
     return [
         Flag("model", str, flag("--model", help=f"timm model name (default: {default_model})."), "model.name"),
         Flag(
             "img_size",
             int,
-            flag("--img-size", help="Input size in pixels (default: 224; 32 on the built-in data)."),
+            flag("--img-size", help=f"Input size in pixels (default: 224; {builtin_img_size} on the built-in data)."),
             "data.img_size",
         ),
         Flag(
@@ -440,3 +440,38 @@ def builtin_reference_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     return [("reference", f"a linear model (logistic regression on the pixels) scores {refs['linear']['top1']:.2f}% "
              "on this val split (recorded)")]  # fmt: skip
+
+
+# The recipe keys that define a training budget: a recorded dense reference is quoted only for a run whose values
+# of all of them are the reference run's (any other model, size, schedule or optimizer is another setting).
+BUDGET_PREFIXES = ("model.", "data.", "optim.", "schedule.")
+NOT_BUDGET = ("data.workers",)
+
+
+def budget_setting(recipe: Any) -> dict[str, Any]:
+    """The budget-defining keys of a resolved recipe, as plain JSON values."""
+    import json
+
+    from evcli.recipe import _flatten
+
+    flat = json.loads(json.dumps(_flatten(recipe.to_dict()), default=str))
+    return {k: v for k, v in flat.items() if k.startswith(BUDGET_PREFIXES) and k not in NOT_BUDGET}
+
+
+def dense_reference_rows(report: dict[str, Any], recipe: Any) -> list[tuple[str, str]]:
+    """For a compression run on the built-in data: the same model trained dense with the same recipe and budget,
+    when bench/builtin_references.py recorded that exact setting (shipped in evcli/data/builtin_references.json)."""
+    if "built-in digits" not in str(report.get("data", "")) or report.get("method") == "dense":
+        return []
+    import json
+
+    try:
+        refs = json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
+    except (OSError, ValueError):
+        return []
+    setting = budget_setting(recipe)
+    for ref in refs.get("dense", []):
+        if ref.get("command_name") == recipe.command and ref.get("setting") == setting:
+            return [("dense reference", f"{ref['model']} trained dense with the same recipe and budget scores "
+                     f"{ref['top1']:.2f}% (recorded: `{ref['command']}`)")]  # fmt: skip
+    return []

@@ -100,8 +100,12 @@ OWN_FLAGS = [
         "method",
         MixMethodName,
         typer.Option(
-            None, "--method", "-m", help="Mixing of each batch (default: cutmix); mixup-cutmix is DeiT's per-batch switch (p = "
-            "mix.switch_prob); smmix for ViTs.", show_default=False
+            None,
+            "--method",
+            "-m",
+            help="Mixing of each batch (default: cutmix); mixup-cutmix is DeiT's per-batch switch (p = "
+            "mix.switch_prob); smmix for ViTs.",
+            show_default=False,
         ),
         "mix.method",
     ),

@@ -368,6 +368,8 @@ class QuantSRMethod(Method):
             "scale": cfg.scale,
             "arch": cfg.arch,
             "quantizer": cfg.method if self.quantized else "none (full precision)",
+            # the report's method: what this run trained (the ddtb default of --method is not used at --bits 32)
+            "method": cfg.method if self.quantized else "fp32",
         }
         if self.quantized:
             extras["teacher"] = self.teacher_source

@@ -53,6 +53,17 @@ def parse_nm_text(text: str) -> tuple[int, int]:
         "schedule.warmup": "10%",
         "schedule.min_lr": 0.0,
     },
+    # The built-in digits (1,442 train images of 8x8 scans): 16 px input, no flips (a mirrored digit is another
+    # symbol), mild crops, 6 epochs with a 1-epoch warm-up. Measured (bench/first_impressions.py): LBC 2:4 on
+    # resnet50 and OptG 90% on resnet18 both learn the digits in minutes; the paper recipes are untouched.
+    builtin_defaults={
+        "data.img_size": 16,
+        "data.hflip": 0.0,
+        "data.scale": [0.8, 1.0],
+        "data.crop_pct": 1.0,
+        "schedule.epochs": 6,
+        "schedule.warmup": "1ep",
+    },
 )
 @dataclass
 class SparsifyConfig:
