@@ -220,7 +220,9 @@ def test_linear_decay_schedule():
 def test_gradient_loss_and_perceptual_divisors():
     x = torch.rand(2, 3, 8, 8)
     assert gradient_loss(x, x).item() == 0.0
-    assert gradient_loss(x, x + 0.3).item() == pytest.approx(0.0, abs=1e-6)  # Sobel ignores constants
+    # a constant offset shows only against the zero padding (as in the papers' code): on each side, 6 rows
+    # with |response| 4c and 2 corners with 3c, two sides per direction, two directions, over 64 pixels
+    assert gradient_loss(x, x + 0.3).item() == pytest.approx(0.3 * 2 * 2 * (6 * 4 + 2 * 3) / 64, abs=1e-5)
     assert gradient_loss(x, x.flip(-1)).item() > 0
     assert PERCEPTUAL_DIVISORS == (1.0, 2.6, 4.8, 3.7, 5.6, 0.15)
 

@@ -35,21 +35,27 @@ HELP = """Remove shadows with LAB-Net or SADC (mask-guided); train, evaluate, co
 
 Methods: LAB-Net (arXiv 2208.13039) and SADC (arXiv 2205.04908); baselines: identity, colour transfer.
 
-Both methods are mask-guided: give a shadow mask with --mask, or evcli estimates one with a classical
-detector (Otsu threshold on CIE L + 0.5 b, cleaned by morphology) and writes it beside the output so you
-can check and correct it.
+Both methods are mask-guided: give a shadow mask with --mask, or (--mask auto, the default) a learned
+shadow detector (a compact U-Net shipped in the package) estimates one and writes it beside the output so
+you can check and correct it; --mask-method otsu uses the classical estimator (Otsu threshold on CIE
+L + 0.5 b) instead. A mask over 40% of the image, or one the detector is unsure of, prints a warning.
 
-Default weights ship inside the package for LAB-Net (C=16) and SADC (C=32), trained on the built-in data:
-real photos shipped in scikit-image (astronaut, chelsea, rocket, camera, coins, brick, grass, gravel) and
-scikit-learn (flower.jpg) with rendered shadows (random occluder shapes, soft penumbra, bluish darkening,
-warm penumbra tint). They are small CPU-trained models, not a match for weights trained on ISTD/SRD (use
---weights).
+The lit region is kept: pixels more than ~15 px from the mask keep their input values (not in the papers;
+--no-keep-lit gives the network's output everywhere, as the papers do).
+
+Default weights ship inside the package for LAB-Net, SADC and the detector, trained on CPU on rendered
+shadows over real photos (scikit-image, scikit-learn, matplotlib and Debian's opencv-doc photos); they
+are small CPU-trained models, not a match for weights trained on ISTD/SRD (use --weights).
 
 Examples:
 
   evcli deshadow image.png --method labnet
 
   evcli deshadow photos/ -o clean/ --mask masks/
+
+  evcli deshadow image.png --mask-method otsu --no-keep-lit
+
+  evcli deshadow train --recipe deshadow/detector_builtin
 
   evcli deshadow image.png --method colour-transfer --mask mask.png
 
@@ -106,11 +112,21 @@ def remove(
         help="Output file (one image) or folder (default: IMAGE_deshadow.png / DIR_deshadow/).",
         show_default=False,
     ),
-    mask: Path = typer.Option(
-        None,
+    mask_arg: str = typer.Option(
+        "auto",
         "--mask",
-        help="Shadow mask image (or, for a folder, a folder of masks named like the images).",
-        show_default=False,
+        help="Shadow mask image (for a folder: a folder of masks named like the images), or auto: estimate one.",
+    ),
+    mask_method: str = typer.Option(
+        "detector",
+        "--mask-method",
+        help="How --mask auto estimates a mask: detector (learned, shipped) or otsu (classical).",
+    ),
+    keep_lit: bool = typer.Option(
+        True,
+        "--keep-lit/--no-keep-lit",
+        help="Keep input pixels away from the mask (default); --no-keep-lit: the network's output everywhere "
+        "(the papers').",
     ),
     weights: Path = typer.Option(
         None, "--weights", "-w", help="Weights (.safetensors) or a run folder (default: shipped).", show_default=False
@@ -134,6 +150,10 @@ def remove(
     setup_output(quiet)
     if tile < 128:
         raise UsageError(f"--tile must be >= 128, got {tile}")
+    from evcli.methods.deshadow.infer import MASK_METHODS
+
+    _check_choice(mask_method, MASK_METHODS, "--mask-method")
+    mask = None if mask_arg.strip().lower() == "auto" else Path(mask_arg)
     if not source.exists():
         raise DataError(f"image not found: {source}")
     from evcli.methods.deshadow.infer import list_images, load_remover
@@ -146,6 +166,11 @@ def remove(
 
         normalise_method(method)  # an unknown --method is reported before anything is loaded
     remover = load_remover(method, weights, str(vgg_weights) if vgg_weights else None, precision=precision)
+    detector = None
+    if mask_method == "detector" and (mask is None or mask.is_dir()):
+        from evcli.methods.deshadow.infer import load_detector
+
+        detector = load_detector()
     from evcli.runtime import retain_freed_memory_unless_opted_out
 
     retain_freed_memory_unless_opted_out()  # full-size maps reuse freed memory, not fresh pages (evcli/runtime.py)
@@ -177,7 +202,7 @@ def remove(
     results, failed = [], []
     for img, m, out in jobs:
         try:
-            results.append(_remove_one(remover, img, m, out, tile, compare))
+            results.append(_remove_one(remover, img, m, out, tile, compare, detector, mask_method, keep_lit))
         except DataError as exc:
             if not source.is_dir():
                 raise
@@ -185,7 +210,13 @@ def remove(
 
             warn(f"skipped {img.name}: {exc}")
             failed.append({"input": str(img), "error": str(exc)})
-    report = {"method": remover.method, "weights": remover.weights, "images": results, "failed": failed}
+    report = {
+        "method": remover.method,
+        "weights": remover.weights,
+        "keep_lit": keep_lit,
+        "images": results,
+        "failed": failed,
+    }
     rows = [("method", remover.method), ("weights", remover.weights), ("images", str(len(results)))]
     rows += [(r["input"], f"-> {r['output']} (mask: {r['mask_source']})") for r in results[:20]]
     rows += [(f["input"], f"skipped: {f['error']}") for f in failed[:20]]
@@ -215,29 +246,52 @@ def _check_outputs(jobs: list[tuple[Path, Path | None, Path]], compare: bool, ov
             check_new_file(target, overwrite, inputs)
 
 
-def _remove_one(remover: Any, image: Path, mask: Path | None, out: Path, tile: int, compare: bool) -> dict[str, Any]:
-    from evcli.console import log
+def _remove_one(
+    remover: Any,
+    image: Path,
+    mask: Path | None,
+    out: Path,
+    tile: int,
+    compare: bool,
+    detector: Any = None,
+    mask_method: str = "detector",
+    keep_lit: bool = True,
+) -> dict[str, Any]:
+    from evcli.console import log, warn
     from evcli.io.images import save_png
-    from evcli.methods.deshadow.baselines import estimate_shadow_mask
-    from evcli.methods.deshadow.infer import comparison, read_image, read_user_mask, remove_shadow
+    from evcli.methods.deshadow.detector import LARGE_MASK
+    from evcli.methods.deshadow.infer import comparison, estimate_mask, read_image, read_user_mask, remove_shadow
 
     rgb = read_image(image)
     entry: dict[str, Any] = {"input": str(image), "output": str(out), "size": [rgb.shape[2], rgb.shape[1]]}
     if mask is not None:
         m = read_user_mask(mask, tuple(rgb.shape[-2:]), remover.mask_threshold)
         entry["mask_source"] = str(mask)
+        notes = []
+        if not bool(m.any()):
+            notes.append(f"mask {mask} is empty: nothing to remove" + (", the output is the input" if keep_lit else ""))
+        elif bool(m.all()):
+            notes.append(
+                f"mask {mask} covers the whole image: no lit region to take colours from, expect little change"
+            )
+        elif float(m.mean()) > LARGE_MASK:
+            notes.append(f"mask {mask} covers {100 * float(m.mean()):.0f}% of the image (over {100 * LARGE_MASK:.0f}%)")
     else:
-        m = estimate_shadow_mask(rgb)
+        m, notes = estimate_mask(rgb, detector, mask_method)
         mask_out = _outputs(out, None, False)[1]
         save_png(m, mask_out)
-        entry["mask_source"] = f"estimated, written to {mask_out}"
+        entry["mask_source"] = f"estimated ({mask_method}), written to {mask_out}"
         entry["mask"] = str(mask_out)
+    for note in notes:
+        warn(f"{image.name}: {note}")
+    entry["warnings"] = notes
     entry["shadow_fraction"] = round(float(m.mean()), 4)
-    result = remove_shadow(remover, rgb, m, tile)
+    result = remove_shadow(remover, rgb, m, tile, keep_lit=keep_lit)
     save_png(result, out)
     if compare:
         cmp_out = _outputs(out, mask, True)[-1]
-        save_png(comparison(rgb, m, result), cmp_out)
+        mask_label = "mask" if mask is not None else f"mask ({mask_method})"
+        save_png(comparison(rgb, m, result, ("input", mask_label, f"output ({remover.method})")), cmp_out)
         entry["compare"] = str(cmp_out)
     log(f"{image} -> {out} (shadow {100 * entry['shadow_fraction']:.1f}% of the image)")
     return entry
@@ -259,7 +313,12 @@ def _train_rows(report: dict[str, Any], recipe: Any) -> list[tuple[str, str]]:
 
 
 TRAIN_FLAGS = [
-    Flag("method", str, flag("--method", "-m", help="labnet or sadc (default: labnet)."), "deshadow.method"),
+    Flag(
+        "method",
+        str,
+        flag("--method", "-m", help="labnet, sadc, or detector (the shadow detector) (default: labnet)."),
+        "deshadow.method",
+    ),
     Flag(
         "data",
         Path,
@@ -303,7 +362,7 @@ TRAIN_FLAGS = [
 
 
 def _check_train(typed: dict[str, Any]) -> None:
-    _check_choice(typed["method"], ("labnet", "sadc"), "--method")
+    _check_choice(typed["method"], ("labnet", "sadc", "detector"), "--method")
     _check_choice(typed["layout"], ("auto", "istd", "srd"), "--layout")
     _check_choice(typed["vgg"], ("pretrained", "random"), "--vgg")
     _check_choice(typed["eca_laplacian"], ("fixed", "trainable"), "--eca-laplacian")
@@ -323,6 +382,8 @@ app.command("train")(
 
 
 def _metric_rows(m: dict[str, float], resize: str) -> list[tuple[str, str]]:
+    if "ber" in m:  # the shadow detector
+        return [("BER / IoU", f"{m['ber']:.2f}% / {m['iou']:.3f}")]
     return [
         ("LAB MAE S / NS / All", f"{m['lab_mae_s']:.2f} / {m['lab_mae_ns']:.2f} / {m['lab_mae_all']:.2f}"),
         ("PSNR / SSIM", f"{m['psnr']:.2f} dB / {m['ssim']:.4f}"),

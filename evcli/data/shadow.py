@@ -32,44 +32,123 @@ from evcli.data.loading import mix_seed, seeded_rng
 from evcli.errors import DataError
 from evcli.io.images import is_image_file, load_rgb
 
-TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "camera", "coins", "brick", "grass", "gravel", "flower")
-VAL_PHOTOS = ("coffee", "china")
+# Photos that ship in Python packages (no root needed). Names: plain ``skimage.data`` names, ``china`` /
+# ``flower`` (scikit-learn), ``grace_hopper`` (matplotlib), ``motorcycle`` (skimage's stereo_motorcycle, left).
+TRAIN_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "flower",
+    "moon",
+    "clock",
+    "grace_hopper",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
+VAL_PHOTOS = ("coffee", "china", "motorcycle")  # held out: never trained on by any shipped weights
+# Debian's opencv-doc example photos (``deshadow.photo_dir``: .../opencv-doc/examples/data; see INSTALL.md):
+# natural photos only (no logos, charts, chessboards, renders; messi5 and photos of unclear origin left out).
+OPENCV_TRAIN_PHOTOS = (
+    "aero1.jpg",
+    "apple.jpg",
+    "baboon.jpg",
+    "butterfly.jpg",
+    "orange.jpg",
+    "stuff.jpg",
+    "graf1.png",
+    "graf3.png",
+    "leuvenA.jpg",
+    "leuvenB.jpg",
+    "aloeL.jpg",
+    "aloeR.jpg",
+    "rubberwhale1.png",
+    "rubberwhale2.png",
+    "smarties.png",
+    "box_in_scene.png",
+    "basketball1.png",
+    "basketball2.png",
+)
+OPENCV_VAL_PHOTOS = ("fruits.jpg", "building.jpg", "squirrel_cls.jpg", "aero3.jpg", "home.jpg")
+MAX_PHOTO_SIDE = 512  # photos are downscaled so that their shorter side is at most this (memory, scale)
 BUILTIN_DESCRIPTION = (
-    "built-in rendered shadows: real photos shipped in scikit-image (astronaut, chelsea, rocket, camera, "
-    "coins, brick, grass, gravel) and scikit-learn (flower.jpg) with synthetic cast shadows (random "
-    "occluder shapes, soft penumbra, sky-blue darkening, warm penumbra tint); coffee and china.jpg held out "
-    "for val"
+    "built-in rendered shadows: real photos shipped in scikit-image, scikit-learn and matplotlib (and, with "
+    "deshadow.photo_dir, Debian's opencv-doc example photos) with synthetic cast shadows (hard and soft, "
+    "bluish or coloured, solid and partial occluders such as fences and branches, some shadow-free "
+    "samples); held-out photos (coffee, china.jpg, motorcycle; opencv: fruits, building, squirrel_cls, "
+    "aero3, home) are never trained on"
 )
 
 
-def builtin_photo(name: str) -> np.ndarray:
-    """One built-in photo as uint8 [H, W, 3] (grayscale photos are repeated over three channels)."""
-    if name in ("china", "flower"):
+def photo_names(photo_dir: str | None, held_out: bool) -> tuple[str, ...]:
+    """The built-in photo set of a split: package photos, plus opencv-doc ones when ``photo_dir`` is given."""
+    base = VAL_PHOTOS if held_out else TRAIN_PHOTOS
+    if not photo_dir:
+        return base
+    extra = OPENCV_VAL_PHOTOS if held_out else OPENCV_TRAIN_PHOTOS
+    return base + tuple(f"opencv:{n}" for n in extra)
+
+
+def builtin_photo(name: str, photo_dir: str | None = None) -> np.ndarray:
+    """One built-in photo as uint8 [H, W, 3] (grayscale photos are repeated over three channels).
+
+    ``opencv:FILE`` names a file of ``photo_dir`` (Debian's opencv-doc ``examples/data``)."""
+    if name.startswith("opencv:"):
+        if not photo_dir:
+            raise DataError(f"photo {name} needs deshadow.photo_dir (Debian's opencv-doc examples/data folder)")
+        path = Path(photo_dir).expanduser() / name.split(":", 1)[1]
+        if not path.is_file():
+            raise DataError(
+                f"photo not found: {path}",
+                hint="install Debian's opencv-doc example data (INSTALL.md) or unset deshadow.photo_dir",
+            )
+        img = np.asarray(load_rgb(path))
+    elif name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
 
         img = load_sample_image(f"{name}.jpg")
+    elif name == "grace_hopper":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            img = np.asarray(Image.open(f).convert("RGB"))
     else:
         try:
             import skimage.data
         except ImportError as exc:  # pragma: no cover - a dependency of evcli
             raise DataError("the built-in shadow data needs scikit-image (pip install scikit-image)") from exc
-        img = getattr(skimage.data, name)()
+        img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
     img = np.asarray(img)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
 
 
+def _photo_tensor(name: str, photo_dir: str | None) -> torch.Tensor:
+    """A built-in photo as float [3, H, W], downscaled so that its shorter side is at most MAX_PHOTO_SIDE."""
+    t = _to_tensor(builtin_photo(name, photo_dir))
+    h, w = t.shape[-2:]
+    if min(h, w) > MAX_PHOTO_SIDE:
+        f = MAX_PHOTO_SIDE / min(h, w)
+        t = F.interpolate(t[None], size=(round(h * f), round(w * f)), mode="bilinear", antialias=True)[0]
+    return t.clamp(0, 1).contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # Shadow rendering
 
 
-def _occluder(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """A binary occluder silhouette ("L" image) covering roughly 10-50 % of the frame."""
+def _occluder(size: tuple[int, int], rng: np.random.Generator, kind: int | None = None) -> Image.Image:
+    """A binary occluder silhouette ("L" image): a solid shape covering roughly 10-50 % of the frame, or a
+    partial one (fence slats, branches) with light coming through."""
     w, h = size
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
-    kind = rng.integers(0, 3)
+    kind = int(rng.integers(0, 5)) if kind is None else kind
     cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
     scale = rng.uniform(0.2, 0.45) * min(w, h)
     if kind == 0:  # a star-shaped polygon (a person, a pole's top, foliage)
@@ -83,40 +162,79 @@ def _occluder(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
             ox, oy = cx + rng.normal(0, scale * 0.4), cy + rng.normal(0, scale * 0.4)
             rx, ry = scale * rng.uniform(0.4, 1.0), scale * rng.uniform(0.3, 0.8)
             draw.ellipse([ox - rx, oy - ry, ox + rx, oy + ry], fill=255)
-    else:  # a band (a building edge or a pole) crossing the frame at an angle
+    elif kind == 2:  # a band (a building edge or a pole) crossing the frame at an angle
+        _band(draw, cx, cy, rng.uniform(0, math.pi), scale * rng.uniform(0.4, 1.0), w, h)
+    elif kind == 3:  # fence slats or blinds: parallel bars with light between them (a partial occluder)
         angle = rng.uniform(0, math.pi)
-        width = scale * rng.uniform(0.4, 1.0)
-        dx, dy = math.cos(angle), math.sin(angle)
-        nx, ny = -dy * width / 2, dx * width / 2
-        far = 2 * max(w, h)
-        pts = [
-            (cx - dx * far + nx, cy - dy * far + ny),
-            (cx + dx * far + nx, cy + dy * far + ny),
-            (cx + dx * far - nx, cy + dy * far - ny),
-            (cx - dx * far - nx, cy - dy * far - ny),
-        ]
-        draw.polygon(pts, fill=255)
+        period = scale * rng.uniform(0.25, 0.6)
+        width = period * rng.uniform(0.35, 0.7)
+        count = int(rng.integers(2, 6))
+        dx, dy = -math.sin(angle), math.cos(angle)
+        for i in range(count):
+            off = (i - (count - 1) / 2) * period
+            _band(draw, cx + dx * off, cy + dy * off, angle, width, w, h)
+    else:  # branches: thick random strokes (a partial occluder with irregular holes)
+        for _ in range(int(rng.integers(2, 6))):
+            x, y = cx + rng.normal(0, scale * 0.5), cy + rng.normal(0, scale * 0.5)
+            pts = [(x, y)]
+            heading = rng.uniform(0, 2 * math.pi)
+            for _ in range(int(rng.integers(2, 5))):
+                heading += rng.normal(0, 0.6)
+                step = scale * rng.uniform(0.3, 0.8)
+                x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+                pts.append((x, y))
+            draw.line(pts, fill=255, width=max(1, int(scale * rng.uniform(0.08, 0.25))), joint="curve")
     return canvas
 
 
-def render_shadow(free: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _band(draw: ImageDraw.ImageDraw, cx: float, cy: float, angle: float, width: float, w: int, h: int) -> None:
+    dx, dy = math.cos(angle), math.sin(angle)
+    nx, ny = -dy * width / 2, dx * width / 2
+    far = 2 * max(w, h)
+    pts = [
+        (cx - dx * far + nx, cy - dy * far + ny),
+        (cx + dx * far + nx, cy + dy * far + ny),
+        (cx + dx * far - nx, cy + dy * far - ny),
+        (cx - dx * far - nx, cy - dy * far - ny),
+    ]
+    draw.polygon(pts, fill=255)
+
+
+def render_shadow(
+    free: np.ndarray, rng: np.random.Generator, shadow_free: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Cast a synthetic shadow on a shadow-free photo.
+
+    One or two occluders (solid shapes, fence slats or branches); a hard (sharp) or soft (Gaussian
+    penumbra) edge; a darkening that is usually bluer than the light (sky light) and sometimes tinted
+    another colour (light through foliage, coloured surroundings); a warm shift in the penumbra.
 
     Args:
         free: float32 [H, W, 3] in [0, 1].
         rng: the sample's random generator.
+        shadow_free: probability that the sample gets no shadow at all (an empty mask).
 
     Returns:
         ``(shadow, mask)``: the shadowed image (float32 [H, W, 3] in [0, 1]) and the binary shadow mask
         (float32 [H, W], 1 where the occluder's soft shadow covers at least half of the light).
     """
     h, w = free.shape[:2]
+    if shadow_free > 0 and rng.random() < shadow_free:
+        return free.astype(np.float32), np.zeros((h, w), np.float32)
     hard = _occluder((w, h), rng)
-    softness = rng.uniform(0.005, 0.03) * min(w, h)  # penumbra width grows with occluder distance
-    alpha = np.asarray(hard.filter(ImageFilter.GaussianBlur(radius=float(softness))), dtype=np.float32) / 255.0
-    darkness = rng.uniform(0.3, 0.65)  # fraction of the direct light that remains
-    # Sky light is bluer than sun light: the shadow keeps relatively more blue than red.
-    tint = np.array([rng.uniform(0.8, 0.95), rng.uniform(0.9, 1.0), rng.uniform(1.0, 1.2)], dtype=np.float32)
+    if rng.random() < 0.25:  # a second occluder
+        hard = Image.fromarray(np.maximum(np.asarray(hard), np.asarray(_occluder((w, h), rng))))
+    if rng.random() < 0.3:  # a hard shadow: a near or sharp-edged occluder
+        softness = rng.uniform(0.0, 0.004) * min(w, h)
+    else:  # penumbra width grows with occluder distance
+        softness = rng.uniform(0.005, 0.04) * min(w, h)
+    blurred = hard.filter(ImageFilter.GaussianBlur(radius=float(softness))) if softness >= 0.3 else hard
+    alpha = np.asarray(blurred, dtype=np.float32) / 255.0
+    darkness = rng.uniform(0.25, 0.7)  # fraction of the direct light that remains
+    if rng.random() < 0.7:  # sky light is bluer than sun light: the shadow keeps relatively more blue
+        tint = np.array([rng.uniform(0.8, 0.95), rng.uniform(0.9, 1.0), rng.uniform(1.0, 1.2)], dtype=np.float32)
+    else:  # a coloured shadow (green under foliage, warm indoor bounce light, ...)
+        tint = rng.uniform(0.75, 1.25, 3).astype(np.float32)
     factor = np.clip(darkness * tint, 0.05, 1.0)
     a = alpha[..., None]
     shadow = free * (1.0 - a * (1.0 - factor))
@@ -195,10 +313,20 @@ def _to_tensor(img: np.ndarray) -> torch.Tensor:
 class BuiltinShadowDataset(Dataset):
     """Rendered shadows on built-in photos: ``length`` random crops per epoch (train) or a fixed set (val)."""
 
-    def __init__(self, photos: tuple[str, ...], length: int, size: int, seed: int, train: bool):
-        self.photos = [_to_tensor(builtin_photo(n)) for n in photos]
+    def __init__(
+        self,
+        photos: tuple[str, ...],
+        length: int,
+        size: int,
+        seed: int,
+        train: bool,
+        photo_dir: str | None = None,
+        shadow_free: float = 0.0,
+    ):
+        self.photos = [_photo_tensor(n, photo_dir) for n in photos]
         self.names = photos
         self.length, self.size, self.seed, self.train = length, size, seed, train
+        self.shadow_free = shadow_free
 
     def __len__(self) -> int:
         return self.length
@@ -217,7 +345,7 @@ class BuiltinShadowDataset(Dataset):
             img = F.interpolate(img[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
             rng = np.random.default_rng(mix_seed(self.seed, epoch, index, 0x5AD1))
             free = img.clamp(0, 1).permute(1, 2, 0).numpy()
-            shadow, mask = render_shadow(free, rng)
+            shadow, mask = render_shadow(free, rng, self.shadow_free)
         return {"shadow": _to_tensor(shadow), "free": img.clamp(0, 1).contiguous(), "mask": _to_tensor(mask)}
 
 
@@ -349,12 +477,19 @@ def build_shadow_data(recipe: Any) -> ShadowData:
     cfg, data, seed = recipe.method, recipe.data, recipe.train.seed
     crop = data.img_size
     if data.path is None:
-        train = BuiltinShadowDataset(TRAIN_PHOTOS, cfg.builtin_train_samples, crop, seed, train=True)
-        val = BuiltinShadowDataset(VAL_PHOTOS, cfg.builtin_val_samples, cfg.builtin_val_size, seed, train=False)
+        photo_dir = cfg.photo_dir
+        train_photos, val_photos = photo_names(photo_dir, False), photo_names(photo_dir, True)
+        train = BuiltinShadowDataset(
+            train_photos, cfg.builtin_train_samples, crop, seed, True, photo_dir, cfg.shadow_free
+        )
+        val = BuiltinShadowDataset(
+            val_photos, cfg.builtin_val_samples, cfg.builtin_val_size, seed, False, photo_dir, cfg.shadow_free
+        )
         return ShadowData(
             train,
             val,
-            f"{BUILTIN_DESCRIPTION}: {len(train)} train crops/epoch at {crop} px, {len(val)} val images at "
+            f"{BUILTIN_DESCRIPTION}: {len(train_photos)} train photos, {len(train)} crops/epoch at {crop} px; "
+            f"{len(val_photos)} held-out photos, {len(val)} val images at "
             f"{cfg.builtin_val_size} px",
         )
     root = Path(data.path).expanduser()

@@ -9,7 +9,7 @@ from evcli.durations import Duration
 from evcli.errors import RecipeError
 from evcli.registry import register_command
 
-METHODS = ("labnet", "sadc")
+METHODS = ("labnet", "sadc", "detector")
 
 
 @register_command(
@@ -36,7 +36,7 @@ METHODS = ("labnet", "sadc")
 class DeshadowConfig:
     """Network, losses, data layout and evaluation protocol of a shadow-removal run."""
 
-    method: Literal["labnet", "sadc"] = "labnet"  # model.name mirrors it
+    method: Literal["labnet", "sadc", "detector"] = "labnet"  # model.name mirrors it; detector: the shadow detector
     # --- data
     layout: Literal["auto", "istd", "srd"] = "auto"  # layout of data.path (auto: train_A/ -> istd, else srd)
     mask_dir: str | None = None  # SRD masks: DIR/{train,test}/ or DIR (default: data.path/{split}/mask)
@@ -47,20 +47,25 @@ class DeshadowConfig:
     builtin_train_samples: int = 256  # built-in data: rendered crops per epoch (size data.img_size)
     builtin_val_samples: int = 8  # built-in data: rendered val images (held-out photos)
     builtin_val_size: int = 128  # built-in data: val image size
+    photo_dir: str | None = None  # built-in data: also Debian's opencv-doc example photos (.../examples/data)
+    shadow_free: float = 0.0  # built-in data: fraction of samples left without a shadow (empty mask)
     mask_threshold_train: float | None = None  # null: 0.5 for labnet, 0.9 for sadc (the papers')
     mask_threshold_test: float = 0.9
     # --- networks
-    channels: int | None = None  # null: 32 for labnet, 64 for sadc (the papers' sizes)
+    channels: int | None = None  # null: 32 for labnet, 64 for sadc (the papers' sizes), 16 for the detector
     init: Literal["kaiming", "identity"] = "kaiming"  # kaiming (papers); identity: LAB-Net starts as the identity map
     eca_laplacian: Literal["fixed", "trainable"] = "fixed"  # LAB-Net ECA kernel: paper (fixed) or release
-    lsa_size: int = 256  # LAB-Net LSA working size (down_w = down_h: 256 ISTD, 128 SRD)
+    lsa_size: int = 256  # LAB-Net LSA working size (down_w = down_h: 256 ISTD, 128 SRD); with lsa_stride its cap
+    lsa_stride: int | None = None  # null: fixed lsa_size square (papers); N: LSA grid = input / N (train = inference)
     ring_kernel: int = 11  # LAB-Net: dilation square defining the non-shadow ring
     sadc_morph: int = 7  # SADC: erosion/dilation square of the boundary rings
     sadc_sparse: bool = True  # SADC inference evaluates the heavy path only at shadow pixels
     # --- losses and schedule
     perceptual: bool = True  # the VGG16 levels of the perceptual term (false: its pixel-level L1 only)
+    perceptual_features: Literal["pre_relu", "post_relu"] = "pre_relu"  # paper (slice outputs) or release (ReLU'd)
     vgg: Literal["pretrained", "random"] = "pretrained"  # VGG16 weights: ImageNet (papers) or random (SADC release)
     vgg_weights: str | None = None  # ImageNet VGG16 as .safetensors (else torchvision's local cache)
+    detector_pos_weight: float = 2.0  # detector: weight of shadow pixels in its binary cross-entropy
     labnet_loss: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])  # [perceptual, gradient, mse]
     sadc_loss_scale: float = 100.0  # SADC: L = scale * (perceptual + gradient + c(e) * KD)
     kd_start: Duration = Duration("50ep")  # SADC: c(e) = 0 before, then 1 - cos(pi/2 (e - start)/(E - start))
@@ -76,6 +81,8 @@ class DeshadowConfig:
         "builtin_train_samples": ">= 1, <= 100000000",
         "builtin_val_samples": ">= 1, <= 100000",
         "builtin_val_size": ">= 8, <= 4096",
+        "shadow_free": "[0, 1)",
+        "lsa_stride": ">= 1, <= 4096",
         "mask_threshold_train": "[0, 1)",
         "mask_threshold_test": "[0, 1)",
         "channels": ">= 8, <= 4096",
@@ -84,10 +91,11 @@ class DeshadowConfig:
         "sadc_morph": ">= 1, <= 255",
         "labnet_loss": ">= 0",
         "sadc_loss_scale": "> 0",
+        "detector_pos_weight": "> 0",
     }
 
     def resolved_channels(self) -> int:
-        return self.channels or (32 if self.method == "labnet" else 64)
+        return self.channels or {"labnet": 32, "sadc": 64, "detector": 16}[self.method]
 
     def train_threshold(self) -> float:
         if self.mask_threshold_train is not None:
@@ -108,6 +116,8 @@ class DeshadowConfig:
             )
         if self.init == "identity" and self.method != "labnet":
             raise RecipeError("deshadow.init=identity exists for labnet only (SADC has no global residual)")
+        if self.method == "detector" and recipe.train.best_metric == "lab_mae_all":
+            recipe.train.best_metric, recipe.train.best_mode = "ber", "min"
         c = self.resolved_channels()
         if c < 8 or c % 8:
             raise RecipeError(f"recipe key 'deshadow.channels' must be a multiple of 8 (>= 8), got {c}")

@@ -3,9 +3,14 @@ baseline), masks (given or estimated), tiled inference for large images, and the
 
 Usable without the CLI::
 
-    from evcli.methods.deshadow.infer import load_remover, remove_shadow
+    from evcli.methods.deshadow.infer import estimate_mask, load_detector, load_remover, remove_shadow
     remover = load_remover("labnet")           # the shipped default weights
+    mask, warnings = estimate_mask(rgb, load_detector())  # the shipped shadow detector
     result = remove_shadow(remover, rgb, mask)  # tensors [3, H, W] / [1, H, W] in [0, 1]
+
+The lit region is kept: by default the result is the network's output inside the mask dilated by
+``KEEP_LIT_MARGIN`` px (feathered over ``KEEP_LIT_FEATHER`` px) and the input pixels elsewhere (not in the
+papers; ``keep_lit=False`` / ``--no-keep-lit`` returns the network's output everywhere, as they do).
 
 At full resolution on CPU, call ``evcli.runtime.retain_freed_memory()`` once first, as the CLI does (glibc
 otherwise maps and zeroes fresh pages for every large feature map: 1.6x slower LAB-Net in fp32).
@@ -30,9 +35,12 @@ MODEL_METHODS = ("labnet", "sadc")
 BASELINES = ("identity", "colour_transfer")
 ALL_METHODS = MODEL_METHODS + BASELINES
 BF16_LABNET_ONLY = "--precision bf16 is for LAB-Net; the other methods run in fp32"
+MASK_METHODS = ("detector", "otsu")
+KEEP_LIT_MARGIN = 8  # px the mask is dilated by before the network's output replaces the input
+KEEP_LIT_FEATHER = 7  # px of linear blend outside that (the mask itself always takes the network's output)
 
 
-def shipped_weights(method: str) -> Path | None:
+def shipped_weights(method: str) -> Path | None:  # method: labnet, sadc or detector
     """The default weights shipped in the package for ``method``, if any."""
     path = Path(str(resources.files("evcli.methods.deshadow") / "weights" / f"{method}_builtin.safetensors"))
     return path if path.is_file() else None
@@ -141,16 +149,59 @@ def load_remover(
 
 
 @torch.no_grad()
-def remove_shadow(remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+def remove_shadow(
+    remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile: int = 1024, keep_lit: bool = True
+) -> torch.Tensor:
     """Shadow-free RGB [3, H, W] of ``rgb`` [3, H, W] with a binary ``mask`` [1, H, W].
 
-    Images larger than ``tile`` on a side are processed in overlapping tiles (64 px overlap) blended with
-    linear ramps, which bounds memory at any size.
+    Images larger than ``tile`` on a side are processed in overlapping tiles (``tile // 16`` px overlap,
+    64 at the default) blended with linear ramps, which bounds memory at any size. With ``keep_lit`` (the
+    default) pixels away from the mask keep their input values (:func:`keep_lit_region`); an empty mask
+    then returns the input unchanged without running the network.
     """
+    if keep_lit and not bool((mask > 0.5).any()):
+        return rgb.clone()
+    out = _run_tiled(remover, rgb, mask, tile)
+    return keep_lit_region(rgb, out, mask) if keep_lit else out
+
+
+def keep_lit_region(
+    rgb: torch.Tensor,
+    result: torch.Tensor,
+    mask: torch.Tensor,
+    margin: int = KEEP_LIT_MARGIN,
+    feather: int = KEEP_LIT_FEATHER,
+) -> torch.Tensor:
+    """``w * result + (1 - w) * rgb``: w is a box blur (radius ``feather``) of the mask dilated by ``margin``
+    px: 1 on the mask and up to ``margin - feather`` px around it, 0 from ``margin + feather`` px on, a
+    linear blend between; lit pixels away from the shadow keep their input values exactly."""
+    import torch.nn.functional as F
+
+    from evcli.methods.deshadow.layers import dilate
+
+    weight = dilate((mask > 0.5).float()[None], 2 * margin + 1)
+    if feather > 0:
+        k = 2 * feather + 1
+        weight = F.avg_pool2d(weight, (1, k), stride=1, padding=(0, feather), count_include_pad=False)
+        weight = F.avg_pool2d(weight, (k, 1), stride=1, padding=(feather, 0), count_include_pad=False)
+    weight = weight[0]
+    return weight * result + (1.0 - weight) * rgb
+
+
+MIN_SIDE = 32  # smaller images are padded (replicated edges) to this: SADC's VGG16 pools 4 times
+
+
+def _run_tiled(remover: Remover, rgb: torch.Tensor, mask: torch.Tensor, tile: int) -> torch.Tensor:
     h, w = rgb.shape[-2:]
+    if h < MIN_SIDE or w < MIN_SIDE:
+        import torch.nn.functional as F
+
+        ph, pw = max(0, MIN_SIDE - h), max(0, MIN_SIDE - w)
+        big = F.pad(torch.cat([rgb, mask])[None], (0, pw, 0, ph), mode="replicate")[0]
+        return remover.run(big[None, :3], big[None, 3:])[0, :, :h, :w].clamp(0, 1)
     if max(h, w) <= tile:
         return remover.run(rgb[None], mask[None])[0].clamp(0, 1)
-    overlap = 64
+    overlap = max(4, min(64, tile // 16))
     step = tile - overlap
     out = torch.zeros_like(rgb)
     weight = torch.zeros(1, h, w)
@@ -186,10 +237,93 @@ def read_user_mask(path: Path, size: tuple[int, int], threshold: float) -> torch
     return (m > threshold).float()
 
 
-def comparison(before: torch.Tensor, mask: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """before | mask | after side by side with 8 px white gaps, [3, H, 3W + 16]."""
-    gap = torch.ones(3, before.shape[1], 8)
-    return torch.cat([before, gap, mask.expand(3, -1, -1), gap, after], dim=2)
+COMPARE_MIN_HEIGHT = 256  # panels are enlarged (nearest) to at least this height
+COMPARE_MAX_HEIGHT = 720  # and shrunk (area) to at most this one
+
+
+def comparison(
+    before: torch.Tensor, mask: torch.Tensor, after: torch.Tensor, labels: tuple[str, str, str] | None = None
+) -> torch.Tensor:
+    """Labelled panels ``input | mask | output`` side by side with 8 px white gaps, [3, H', W'] in [0, 1].
+
+    Panels are scaled to a readable height (256-720 px, aspect kept) and each gets its label in a white band
+    above it."""
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw, ImageFont
+
+    labels = labels or ("input", "mask", "output")
+    h, w = before.shape[-2:]
+    target = min(max(h, COMPARE_MIN_HEIGHT), COMPARE_MAX_HEIGHT)
+    nh, nw = target, max(1, round(w * target / h))
+    panels = []
+    for t in (before, mask.expand(3, -1, -1), after):
+        t = t.float().clamp(0, 1)[None]
+        if (nh, nw) != (h, w):
+            t = F.interpolate(t, size=(nh, nw), mode="nearest" if nh > h else "area")
+        panels.append(t[0])
+    band = max(20, nh // 14)
+    try:
+        font = ImageFont.load_default(size=int(band * 0.7))
+    except (TypeError, OSError):  # Pillow without FreeType: its small bitmap font
+        font = ImageFont.load_default()
+    out = []
+    for panel, text in zip(panels, labels):
+        strip = Image.new("RGB", (max(nw, 1), band), (255, 255, 255))
+        ImageDraw.Draw(strip).text((4, band // 8), text, fill=(0, 0, 0), font=font)
+        head = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        out.append(torch.cat([head, panel], dim=1))
+        out.append(torch.ones(3, nh + band, 8))
+    return torch.cat(out[:-1], dim=2)
+
+
+def load_detector(weights: str | Path | None = None) -> nn.Module:
+    """The shadow detector (the shipped one, or ``weights``: a detector run folder or .safetensors), eval mode.
+
+    Raises:
+        CheckpointError: no shipped detector, or weights that are not a detector's.
+    """
+    from evcli.engine.run import resolve_weights_source
+    from evcli.io.checkpoint import load_model_weights, model_weights_from, read_safetensors
+    from evcli.methods.deshadow.config import DeshadowConfig
+    from evcli.methods.deshadow.method import DeshadowModel
+    from evcli.recipe import recipe_from_saved
+
+    if weights is None:
+        weights = shipped_weights("detector")
+        if weights is None:
+            raise CheckpointError(
+                "no shadow detector ships in this installation",
+                hint="use --mask-method otsu, or pass a mask with --mask",
+            )
+    path = resolve_weights_source(weights)
+    tensors, meta = read_safetensors(path, "detector weights file")
+    saved = meta.get("recipe")
+    cfg = recipe_from_saved(saved).method if isinstance(saved, dict) else DeshadowConfig(method="detector")
+    if cfg.method != "detector":
+        raise CheckpointError(f"{path} holds {cfg.method} weights, not a shadow detector's")
+    model = DeshadowModel(cfg)
+    load_model_weights(model, model_weights_from(tensors, meta), str(path), strict=True)
+    return model.net.eval()
+
+
+def estimate_mask(
+    rgb: torch.Tensor, detector: nn.Module | None = None, method: str = "detector"
+) -> tuple[torch.Tensor, list[str]]:
+    """A binary shadow mask [1, H, W] of ``rgb`` and the warnings a user should see (a mask over 40 % of the
+    image; a detector unsure about much of it). ``method``: ``detector`` (learned; ``detector`` is loaded
+    when None) or ``otsu`` (the classical estimator of :mod:`baselines`)."""
+    from evcli.methods.deshadow.detector import Detection, detect_shadow
+
+    if method == "otsu":
+        from evcli.methods.deshadow.baselines import estimate_shadow_mask
+
+        m = estimate_shadow_mask(rgb)
+        det = Detection(m, m, float(m.mean()), 0.0)
+    elif method == "detector":
+        det = detect_shadow(detector if detector is not None else load_detector(), rgb)
+    else:
+        raise UsageError(f"unknown --mask-method '{method}' (choices: {', '.join(MASK_METHODS)})")
+    return det.mask, det.warnings()
 
 
 def list_images(folder: Path) -> list[Path]:

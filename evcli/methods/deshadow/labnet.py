@@ -106,21 +106,34 @@ class LocalSpatialAttention(nn.Module):
         channels: feature channels C (q and k have 3C/2).
         size: working size (the papers' down_w = down_h: 256 for ISTD, 128 for SRD).
         chunk: queries per attention chunk (bounds memory; exact, softmax is per query).
+        stride: ``None`` (the papers): a fixed ``size`` x ``size`` working grid at any input size (aspect
+            distorted). An integer: the grid is the input divided by ``stride`` (aspect kept), capped so that
+            its longer side is at most ``size``; a network trained on crops then attends at the same
+            downsampling factor on larger photos (up to the cap).
     """
 
-    def __init__(self, channels: int, size: int = 256, chunk: int = 4096) -> None:
+    def __init__(self, channels: int, size: int = 256, chunk: int = 4096, stride: int | None = None) -> None:
         super().__init__()
         self.dim = channels * 3 // 2
         self.q = ConvLayer(channels, self.dim, 3)
         self.k = ConvLayer(channels, self.dim, 3)
         self.fuse = ConvLayer(channels + self.dim, channels, 1)
-        self.size, self.chunk = size, chunk
+        self.size, self.chunk, self.stride = size, chunk, stride
+
+    def working_size(self, h: int, w: int) -> tuple[int, int]:
+        """The attention grid (rows, columns) for an input of ``h`` x ``w``."""
+        if not self.stride:
+            return self.size, self.size
+        sh, sw = -(-h // self.stride), -(-w // self.stride)
+        f = min(1.0, self.size / max(sh, sw))
+        return max(1, round(sh * f)), max(1, round(sw * f))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        small = F.interpolate(x, size=(self.size, self.size), mode="nearest")
-        m = F.interpolate(mask, size=(self.size, self.size), mode="nearest")[:, 0] > 0.5
-        r = F.interpolate(ring, size=(self.size, self.size), mode="nearest")[:, 0] > 0.5
+        gh, gw = self.working_size(h, w)
+        small = F.interpolate(x, size=(gh, gw), mode="nearest")
+        m = F.interpolate(mask, size=(gh, gw), mode="nearest")[:, 0] > 0.5
+        r = F.interpolate(ring, size=(gh, gw), mode="nearest")[:, 0] > 0.5
         q, k = self.q(small), self.k(small)
         scale = self.dim**-0.5
         rows = []
@@ -140,7 +153,7 @@ class LocalSpatialAttention(nn.Module):
                         att = torch.softmax((queries[:, j : j + self.chunk].t() @ keys) * scale, dim=-1)  # [s, R]
                         parts.append(keys @ att.t())  # [D, s]
                     out = out.index_copy(1, s_idx, torch.cat(parts, dim=1))
-            rows.append(out.view(self.dim, self.size, self.size))
+            rows.append(out.view(self.dim, gh, gw))
         small = torch.stack(rows)
         if fused_inference(x):
             # a 1x1 conv commutes with nearest upsampling: fuse the attended part at the working size and
@@ -228,11 +241,19 @@ class LABNet(nn.Module):
     Args:
         channels: C (32 in the paper).
         laplacian: ECA kernel, ``"fixed"`` (paper) or ``"trainable"`` (release).
-        lsa_size: LSA working size (256 ISTD, 128 SRD).
+        lsa_size: LSA working size (256 ISTD, 128 SRD); with ``lsa_stride`` the cap of its longer side.
         ring_kernel: dilation square of the mask that defines the non-shadow ring (11).
+        lsa_stride: None (papers: fixed square grid) or the downsampling factor of the LSA grid.
     """
 
-    def __init__(self, channels: int = 32, laplacian: str = "fixed", lsa_size: int = 256, ring_kernel: int = 11):
+    def __init__(
+        self,
+        channels: int = 32,
+        laplacian: str = "fixed",
+        lsa_size: int = 256,
+        ring_kernel: int = 11,
+        lsa_stride: int | None = None,
+    ):
         super().__init__()
         c = channels
         self.ring_kernel = ring_kernel
@@ -243,11 +264,17 @@ class LABNet(nn.Module):
         self.block3 = BasicBlock(c, c, c, laplacian)
         self.block4 = BasicBlock(c, c, c, laplacian)
         self.fuse2_l, self.fuse2_ab = ConvLayer(2 * c, c, 1), ConvLayer(2 * c, c, 1)
-        self.lsa2_l, self.lsa2_ab = LocalSpatialAttention(c, lsa_size), LocalSpatialAttention(c, lsa_size)
+        self.lsa2_l, self.lsa2_ab = (
+            LocalSpatialAttention(c, lsa_size, stride=lsa_stride),
+            LocalSpatialAttention(c, lsa_size, stride=lsa_stride),
+        )
         self.block5 = BasicBlock(c, c, c, laplacian)
         self.block6 = BasicBlock(c, c, c, laplacian)
         self.fuse3_l, self.fuse3_ab = ConvLayer(2 * c, c, 1), ConvLayer(2 * c, c, 1)
-        self.lsa3_l, self.lsa3_ab = LocalSpatialAttention(c, lsa_size), LocalSpatialAttention(c, lsa_size)
+        self.lsa3_l, self.lsa3_ab = (
+            LocalSpatialAttention(c, lsa_size, stride=lsa_stride),
+            LocalSpatialAttention(c, lsa_size, stride=lsa_stride),
+        )
         self.block_l = BasicBlock(c, 1, c, laplacian)
         self.block_ab = BasicBlock(c, 2, c, laplacian)
         self.final = ConvLayer(3, 3, 3)

@@ -20,10 +20,14 @@ from evcli.recipe import Recipe
 
 def build_network(cfg: Any) -> nn.Module:
     """The network of a ``deshadow`` config (SADC takes its VGG16 features at call time)."""
+    if cfg.method == "detector":
+        from evcli.methods.deshadow.detector import ShadowDetector
+
+        return ShadowDetector(cfg.resolved_channels())
     if cfg.method == "labnet":
         from evcli.methods.deshadow.labnet import LABNet
 
-        return LABNet(cfg.resolved_channels(), cfg.eca_laplacian, cfg.lsa_size, cfg.ring_kernel)
+        return LABNet(cfg.resolved_channels(), cfg.eca_laplacian, cfg.lsa_size, cfg.ring_kernel, cfg.lsa_stride)
     from evcli.methods.deshadow.sadc import SADCNet
 
     return SADCNet(cfg.resolved_channels(), cfg.sadc_morph, cfg.sadc_sparse)
@@ -42,7 +46,9 @@ class DeshadowModel(nn.Module):
         self.net = build_network(cfg)
 
     def forward_raw(self, rgb: torch.Tensor, mask: torch.Tensor, features: nn.Module | None = None) -> torch.Tensor:
-        """The network's own output space (LAB-Net: 8-bit LAB / 255; SADC: RGB)."""
+        """The network's own output space (LAB-Net: 8-bit LAB / 255; SADC: RGB; detector: shadow logits)."""
+        if self.method == "detector":
+            return self.net(rgb)
         if self.method == "labnet":
             lab = rgb_to_lab8(rgb)
             weight = self.net.convst.conv.weight
@@ -54,6 +60,9 @@ class DeshadowModel(nn.Module):
         return self.net(rgb, mask, features)
 
     def to_rgb(self, raw: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] (the detector: its shadow probability)."""
+        if self.method == "detector":
+            return torch.sigmoid(raw)
         return lab8_to_rgb(raw) if self.method == "labnet" else raw.clamp(0.0, 1.0)
 
     def forward(
@@ -83,7 +92,7 @@ def identity_init_labnet(net: nn.Module) -> None:
 
 def needs_vgg(cfg: Any, training: bool) -> bool:
     """SADC always needs VGG16 (its hypercolumn); LAB-Net only for the perceptual loss in training."""
-    return cfg.method == "sadc" or (training and cfg.perceptual)
+    return cfg.method == "sadc" or (training and cfg.perceptual and cfg.method == "labnet")
 
 
 class DeshadowMethod(Method):
@@ -109,6 +118,9 @@ class DeshadowMethod(Method):
         if cfg.init == "identity":
             identity_init_labnet(model.net)
         modules: dict[str, nn.Module | Frozen] = {"model": model}
+        if cfg.method == "detector":
+            self.vgg_used = "none (the detector has no perceptual term)"
+            return modules
         vgg = None
         if needs_vgg(cfg, ctx.training):
             vgg, self.vgg_used = vgg16_features(cfg.vgg, cfg.vgg_weights)
@@ -116,7 +128,7 @@ class DeshadowMethod(Method):
             if cfg.method == "sadc":
                 modules["vgg"] = Frozen(vgg, self.vgg_used)
         if ctx.training:
-            perceptual = PerceptualLoss(vgg if cfg.perceptual else None)
+            perceptual = PerceptualLoss(vgg if cfg.perceptual else None, cfg.perceptual_features == "post_relu")
             modules["perceptual"] = Frozen(perceptual, self.vgg_used if cfg.perceptual else "none (pixel L1 only)")
         return modules
 
@@ -147,6 +159,12 @@ class DeshadowMethod(Method):
         from evcli.methods.deshadow.losses import distillation_kl, gradient_loss
 
         shadow, free = batch["shadow"], batch["free"]
+        if self.cfg.method == "detector":
+            from evcli.methods.deshadow.detector import balanced_bce
+
+            logits = modules.model(shadow, batch["mask"], raw=True)
+            loss = balanced_bce(logits, batch["mask"], self.cfg.detector_pos_weight)
+            return StepOutput(loss, {"bce": loss.detach()})
         mask = (batch["mask"] > self.cfg.train_threshold()).to(shadow.dtype)
         raw = modules.model(shadow, mask, raw=True, **self._features(modules))  # through DDP: gradient sync
         target = rgb_to_lab8(free) if self.cfg.method == "labnet" else free
@@ -168,6 +186,11 @@ class DeshadowMethod(Method):
     def eval_step(self, modules: Any, batch: Any, ctx: Any) -> dict[str, torch.Tensor]:
         from evcli.metrics.shadow import ShadowMetrics
 
+        if self.cfg.method == "detector":
+            from evcli.methods.deshadow.detector import confusion_sums
+
+            prob = modules.model(batch["shadow"], batch["mask"]).float()
+            return {"confusion": confusion_sums(prob, batch["mask"])}
         metrics = ShadowMetrics(self.cfg.eval_resize, device=batch["shadow"].device)
         mask = (batch["mask"] > self.cfg.mask_threshold_test).float()
         pred = modules.model(batch["shadow"], mask, **self._features(modules))
@@ -175,6 +198,10 @@ class DeshadowMethod(Method):
         return {"totals": metrics.totals()}
 
     def summarize(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
+        if "confusion" in sums:
+            from evcli.methods.deshadow.detector import ber_iou
+
+            return ber_iou(sums["confusion"])
         from evcli.metrics.shadow import shadow_summary
 
         return shadow_summary(sums["totals"], self.cfg.eval_resize)
@@ -194,6 +221,8 @@ class DeshadowMethod(Method):
             shadow, free = s["shadow"].to(ctx.device), s["free"]
             mask = (s["mask"] > self.cfg.mask_threshold_test).float().to(ctx.device)
             pred = model(shadow[None], mask[None], **self._features(modules))[0].float().cpu()
+            if self.cfg.method == "detector":  # shadow | true mask | probability | detected mask
+                pred, free = pred.expand(3, -1, -1), (pred > 0.5).float().expand(3, -1, -1)
             gap = torch.ones(3, shadow.shape[1], 4)
             row = [shadow.cpu(), gap, mask.cpu().expand(3, -1, -1), gap, pred.clamp(0, 1), gap, free]
             save_png(torch.cat([t.float() for t in row], dim=2), folder / f"val_{i}_shadow_mask_result_gt.png")
@@ -205,6 +234,8 @@ class DeshadowMethod(Method):
 
 def vgg_description(cfg: Any) -> str:
     """Which VGG16 a run used (the report states it)."""
+    if cfg.method == "detector":
+        return "none (the detector has no perceptual term)"
     if cfg.method == "labnet" and not cfg.perceptual:
         return "none (perceptual term off: its pixel-level L1 only)"
     if cfg.vgg == "random":
