@@ -366,6 +366,38 @@ def test_optg_masks_reach_each_epochs_target_when_scores_tie(ties: str, realized
     assert zeros == round(0.9 * total)
 
 
+def test_optg_fixed_tail_keeps_one_mask_to_the_end():
+    """optg_fixed_tail: the masks are set at exactly p when the tail starts and stay fixed (later epochs and the
+    end of training do not re-rank the still-training scores); without a tail the end sets exactly p."""
+    from types import SimpleNamespace
+
+    method, model = _attached({"sparsify.sparsity": 0.9, "sparsify.optg_fixed_tail": "2ep", "schedule.epochs": 6})
+    ctx = SimpleNamespace(steps_per_epoch=10, total_steps=60, step=0, resolve=lambda d: 20 if str(d) == "2ep" else 0)
+    sites = list(method.sites.values())
+    for epoch in range(4):
+        ctx.step = 10 * epoch
+        method.update_schedule(ctx)
+    assert method.p_e < 0.9
+    ctx.step = 40  # the tail
+    method.update_schedule(ctx)
+    assert method.p_e == 0.9 and method.p_realized == pytest.approx(0.9, abs=1e-3)
+    tail_masks = [s.mask.clone() for s in sites]
+    with torch.no_grad():
+        for s in sites:
+            s.scores.copy_(torch.randn_like(s.scores))  # the scores keep learning in the tail
+    ctx.step = 50
+    method.update_schedule(ctx)
+    method._finish_schedule(ctx)
+    assert all(torch.equal(s.mask, m) for s, m in zip(sites, tail_masks))
+    # the paper's schedule (no tail): the end of training re-ranks once, at exactly p
+    method, model = _attached({"sparsify.sparsity": 0.9})
+    ctx = SimpleNamespace(steps_per_epoch=10, total_steps=40, step=30, resolve=lambda d: 0)
+    method.update_schedule(ctx)
+    assert method.p_e < 0.9
+    method._finish_schedule(ctx)
+    assert method.p_e == 0.9
+
+
 def test_lbc_does_no_mask_work_once_frozen():
     """After t_f the scores are frozen: no re-zeroing, no mask recomputation on any later step."""
     method, model = _attached({"sparsify.nm": "2:4"})

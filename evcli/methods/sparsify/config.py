@@ -82,8 +82,9 @@ class SparsifyConfig:
     update_every: Literal["epoch", "step"] = "epoch"  # schedule granularity (papers: per epoch)
     beta: float = 1.0  # OptG sigmoid slope of the sparsity and mask-lr schedules
     mask_lr_scale: float = 1.0  # OptG: mask lr = scale * lr * sigmoid(beta (e - E/2)) (paper: 1)
-    # OptG: train the last part with masks fixed at exactly `sparsity`, the sigmoid schedule squeezed into the
-    # rest (the card's fix for short runs, where p*sigmoid never gets near p); paper: 0step
+    # OptG: train the last part on one mask at exactly `sparsity`, set from the scores when the tail starts and
+    # then fixed, the sigmoid schedule squeezed into the rest (the card's fix for short runs, where p*sigmoid never
+    # gets near p); paper: 0step
     optg_fixed_tail: Duration = Duration("0step")
     # OptG scores tied at the threshold (0 before they get a gradient, e.g. taps that only see padding): "weight"
     # prunes exactly the epoch's target, ties broken by the lowest |W|; "keep" is the reference's rule (ties

@@ -201,7 +201,12 @@ class SparsifyMethod(ClassifierMethod):
             self._rezero()
         elif self.kind == "optg":
             span = self._optg_span(ctx)
-            self._set_optg_masks(c.sparsity if e >= span else optg_sparsity(e, span, c.sparsity, c.beta))
+            if e < span:
+                self._set_optg_masks(optg_sparsity(e, span, c.sparsity, c.beta))
+            elif self.p_e != c.sparsity:
+                # optg_fixed_tail: the masks at exactly p once, from the scores, then fixed (the card's
+                # fixed-mask finish), so the weights retrain on one mask instead of a new one every epoch
+                self._set_optg_masks(c.sparsity)
         elif self.kind == "magnitude":
             t_i, t_f = self._t(ctx, c.t_i), self._t(ctx, c.t_f)
             if c.magnitude_schedule == "oneshot":
@@ -301,7 +306,7 @@ class SparsifyMethod(ClassifierMethod):
     @torch.no_grad()
     def _finish_schedule(self, ctx: Any) -> None:
         """At the last step: masks at exactly the target (OptG's evaluation path, magnitude's end level)."""
-        if self.kind == "optg":
+        if self.kind == "optg" and self.p_e != self.cfg.sparsity:  # (a fixed tail is already there)
             self._set_optg_masks(self.cfg.sparsity)
         elif self.kind == "magnitude":
             self._set_magnitude_level(1.0)
