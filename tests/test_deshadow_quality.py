@@ -306,3 +306,29 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     t = read_image(path)
     assert tuple(t.shape) == (3, 16, 8)
     assert t[:, :4].mean() > 0.8 and t[:, -4:].mean() < 0.2  # the white half is now on top
+
+
+def test_detector_trains_through_the_engine_and_loads_from_its_run(tmp_path: Path):
+    from evcli.methods.deshadow.infer import load_detector
+
+    run = tmp_path / "det"
+    sets = ["--set", "schedule.max_steps=2", "--set", "deshadow.builtin_train_samples=4"]
+    sets += [
+        "--set",
+        "deshadow.builtin_val_samples=2",
+        "--set",
+        "deshadow.builtin_val_size=32",
+        "--set",
+        "deshadow.channels=8",
+    ]
+    r = run_cli(
+        ["deshadow", "train", "--recipe", "deshadow/tiny", "--method", "detector", "-o", str(run), "--json", *sets]
+    )
+    assert r.code == 0, r.stderr
+    metrics = json.loads(r.stdout)["metrics"]
+    assert 0.0 <= metrics["ber"] <= 100.0 and 0.0 <= metrics["iou"] <= 1.0
+    net = load_detector(run)
+    assert net(torch.rand(1, 3, 16, 16)).shape == (1, 1, 16, 16)
+    img = _save(tmp_path / "x.png", torch.rand(3, 16, 16))
+    bad = run_cli(["deshadow", str(img), "--weights", str(run), "-o", str(tmp_path / "y.png")])
+    assert bad.code == 2 and "shadow-detector weights" in bad.stderr and "Traceback" not in bad.stderr

@@ -124,6 +124,11 @@ def load_remover(
             raise CheckpointError(f"{path} holds weights of 'evcli {saved.get('command')}', not of 'evcli deshadow'")
         recipe = recipe_from_saved(saved)
         cfg = recipe.method
+        if cfg.method == "detector":
+            raise UsageError(
+                f"{path} holds shadow-detector weights, not a shadow remover's",
+                hint="give LAB-Net or SADC weights with --weights (the detector runs with --mask auto)",
+            )
         if method is not None and method != cfg.method:
             raise UsageError(f"{path} holds {cfg.method} weights, not {method}", hint=f"use --method {cfg.method}")
     else:  # weights without evcli metadata: the paper-size network of the named method
