@@ -34,13 +34,14 @@ def test_gradient_loss_adds_the_x_and_y_terms_with_zero_padding():
 
 
 def _fake_vgg() -> nn.Sequential:
-    """27 layers where VGG16's ReLUs stand at 3, 8, 13, 20 (in place, like torchvision's) and layer 2
-    negates its input; everything else passes through."""
+    """27 layers where VGG16's ReLUs stand at 3, 8, 13, 20 (in place, like torchvision's) and layers 2 and
+    26 (the last of slices 1 and 5) negate their input; everything else passes through."""
     layers: list[nn.Module] = [nn.Identity() for _ in range(27)]
-    neg = nn.Conv2d(3, 3, 1, bias=False)
-    with torch.no_grad():
-        neg.weight.copy_(-torch.eye(3)[:, :, None, None])
-    layers[2] = neg
+    for i in (2, 26):
+        neg = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            neg.weight.copy_(-torch.eye(3)[:, :, None, None])
+        layers[i] = neg
     for i in (3, 8, 13, 20):
         layers[i] = nn.ReLU(inplace=True)
     return nn.Sequential(*layers)
@@ -59,6 +60,16 @@ def test_perceptual_loss_levels_by_hand(post_relu: bool, expected: float):
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     loss.backward()  # no in-place ReLU rewrote a tensor autograd saved
     assert pred.grad is not None
+
+
+@pytest.mark.parametrize("post_relu", [False, True])
+def test_perceptual_last_level_stays_pre_relu(post_relu: bool):
+    from evcli.methods.deshadow.losses import PerceptualLoss
+
+    # pred = -1: slice 1 gives +1 (vs 0), which passes every ReLU; slice 5 negates it to -1 at its end, and
+    # no later slice ReLUs it, so both variants compare -1 with 0 there: every level contributes 1 / divisor
+    loss = PerceptualLoss(_fake_vgg(), post_relu=post_relu)(-torch.ones(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+    assert loss.item() == pytest.approx(sum(1 / d for d in (1.0, 2.6, 4.8, 3.7, 5.6, 0.15)), rel=1e-6)
 
 
 def test_distillation_kl_by_hand():

@@ -10,8 +10,9 @@ parameters (1.9 MB) and no pretrained backbone to download. It trains from scrat
 rendered shadows.
 
 Inference (:func:`detect_shadow`) runs at a working size (longer side at most ``work_size`` = 384 px),
-upsamples the probability map, thresholds it at 0.5 and drops regions under 0.2 % of the image, so the cost is bounded at any photo size (a 12000x8000 photo costs the same
-as a 640x480 one) and matches the scale of the training crops.
+upsamples the probability map, thresholds it at 0.5 and drops regions under 0.2 % of the image. The network's
+cost is thus bounded at any photo size (a 12000x8000 photo costs it what a 640x480 one does) and its input
+matches the scale of the training crops.
 """
 
 from __future__ import annotations
