@@ -69,7 +69,7 @@ class SparsifyMethod(ClassifierMethod):
         # schedule state (saved in state_dict)
         self.k = 0  # LBC: combinations removed per group
         self.frozen = False  # LBC: scores frozen (one combination left)
-        self._rezeroed: tuple | None = None  # LBC: (k, α versions) right after the last re-zeroing
+        self._rezeroed: tuple | None = None  # LBC: (k, α storages and versions) after the last re-zeroing
         self.p_realized = 0.0  # OptG: fraction of zeros in the current masks
         self.p_e = 0.0  # OptG: sparsity of the current masks
         self.mag_level = 0.0  # magnitude: fraction of the final pruning applied so far (0..1)
@@ -222,11 +222,12 @@ class SparsifyMethod(ClassifierMethod):
         if self.kind != "lbc" or self.k <= 0:
             return
         sites = list(self.sites.values())
-        if self._rezeroed == (self.k, *(site.alpha._version for site in sites)):
+        state = (self.k, *((site.alpha.data_ptr(), site.alpha._version) for site in sites))
+        if self._rezeroed == state:
             return
         for site in sites:
             site.remove(self.k)
-        self._rezeroed = (self.k, *(site.alpha._version for site in sites))
+        self._rezeroed = (self.k, *((site.alpha.data_ptr(), site.alpha._version) for site in sites))
 
     def _freeze(self) -> None:
         for site in self.sites.values():
