@@ -40,7 +40,7 @@ sparsify.ignore patterns: a name, re:<regex>, type:Conv2d.
 
 Without --data it trains on the built-in data: scikit-learn's digits, 1,797 real 8x8 scans of
 handwritten digits (10 classes) shipped inside scikit-learn, upsampled to --img-size (16 px by default;
-every 5th image of each class is the val split), 6 epochs, no flips: settings under which the headline commands
+every 5th image of each class is the val split), 8 epochs, no flips: settings under which the headline commands
 learn the digits in minutes (a recipe file, flag or --set overrides them). With --data DIR it reads an ImageFolder:
 DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg.
 
