@@ -35,6 +35,11 @@ CONFIGS: list[tuple[str, dict]] = [
     ("OptG 90%", {"sparsify.method": "optg", "sparsify.sparsity": 0.9}),
     # the reference's tie rule: scores tied at the threshold are kept, so early epochs stay near dense
     ("OptG 90% reference ties", {"sparsify.method": "optg", "sparsify.sparsity": 0.9, "sparsify.optg_ties": "keep"}),
+    # the card's fixed-mask finish for short runs: the sigmoid over the first half, one mask at exactly p after
+    (
+        "OptG 90% fixed tail 50%",
+        {"sparsify.method": "optg", "sparsify.sparsity": 0.9, "sparsify.optg_fixed_tail": "50%"},
+    ),
 ]
 
 
@@ -103,8 +108,22 @@ def main() -> None:
             "complete": complete,
             "results": rows,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        if args.only and out.exists():
+            # --only adds or replaces its rows in an existing file of the same setting; other rows are kept
+            old = json.loads(out.read_text())
+            same = {k: v for k, v in old.get("setting", {}).items() if k != "data"} == {
+                k: v for k, v in result["setting"].items() if k != "data"
+            }
+            if same:
+                mine = {r["config"] for r in rows}
+                kept = [r for r in old.get("results", []) if r["config"] not in mine]
+                order = [name for name, _ in CONFIGS]
+                result["results"] = sorted(kept + rows, key=lambda r: order.index(r["config"]))
+                result["command"] = f"{old.get('command')}; {result['command']}"
+                result["wall_seconds"] = round(old.get("wall_seconds", 0) + result["wall_seconds"], 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
     optim = ""
     data_text = ""
