@@ -85,6 +85,8 @@ def main() -> None:
     }
     rows = []
     start = time.perf_counter()
+    # the file as it was before this run (--only merges into it)
+    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else None
 
     def write(complete: bool) -> None:
         """The result file, rewritten after every config (a stopped bench keeps what it measured)."""
@@ -109,9 +111,9 @@ def main() -> None:
             "results": rows,
         }
         out = Path(args.out)
-        if args.only and out.exists():
+        if previous is not None:
             # --only adds or replaces its rows in an existing file of the same setting; other rows are kept
-            old = json.loads(out.read_text())
+            old = previous
             same = {k: v for k, v in old.get("setting", {}).items() if k != "data"} == {
                 k: v for k, v in result["setting"].items() if k != "data"
             }
