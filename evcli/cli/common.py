@@ -427,16 +427,23 @@ def classifier_eval_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _builtin_references() -> dict[str, Any]:
+    """The recorded references shipped in evcli/data/builtin_references.json ({} if it cannot be read)."""
+    import json
+
+    try:
+        return json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def builtin_reference_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """On the built-in digits: what a linear model scores on the same val split (a recorded result shipped with
     the package, bench/builtin_references.py), so a user can judge the run's top-1."""
     if "built-in digits" not in str(report.get("data", "")) or "val subset" in str(report.get("data", "")):
         return []
-    import json
-
-    try:
-        refs = json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
-    except (OSError, ValueError):
+    refs = _builtin_references()
+    if "linear" not in refs:
         return []
     return [("reference", f"a linear model (logistic regression on the pixels) scores {refs['linear']['top1']:.2f}% "
              "on this val split (recorded)")]  # fmt: skip
@@ -463,14 +470,8 @@ def dense_reference_rows(report: dict[str, Any], recipe: Any) -> list[tuple[str,
     when bench/builtin_references.py recorded that exact setting (shipped in evcli/data/builtin_references.json)."""
     if "built-in digits" not in str(report.get("data", "")) or report.get("method") == "dense":
         return []
-    import json
-
-    try:
-        refs = json.loads(resources.files("evcli.data").joinpath("builtin_references.json").read_text())
-    except (OSError, ValueError):
-        return []
     setting = budget_setting(recipe)
-    for ref in refs.get("dense", []):
+    for ref in _builtin_references().get("dense", []):
         if ref.get("command_name") == recipe.command and ref.get("setting") == setting:
             return [("dense reference", f"{ref['model']} trained dense with the same recipe and budget scores "
                      f"{ref['top1']:.2f}% (recorded: `{ref['command']}`)")]  # fmt: skip
