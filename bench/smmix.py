@@ -190,8 +190,11 @@ def data_args(args: argparse.Namespace) -> list[str]:
 
 
 def part_accuracy(
-    args: argparse.Namespace, methods: tuple[str, ...] = ("none", "mixup", "cutmix", "mixup-cutmix", "smmix")
+    args: argparse.Namespace,
+    methods: tuple[str, ...] = ("none", "mixup", "cutmix", "mixup-cutmix", "smmix"),
+    save: Any = None,
 ) -> dict[str, Any]:
+    """Every (seed, method) run in its own process; ``save(partial)`` after each, so a stopped bench keeps what ran."""
     runs: list[dict[str, Any]] = []
     data = ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,9 +221,19 @@ def part_accuracy(
                     }
                 )
                 print(f"  {method:7s} seed {seed}: top-1 {runs[-1]['top1']:.2f}", file=sys.stderr)
+                if save is not None:
+                    save(_accuracy_result(args, methods, runs, data, partial=True))
+    return _accuracy_result(args, methods, runs, data, partial=False)
+
+
+def _accuracy_result(
+    args: argparse.Namespace, methods: tuple[str, ...], runs: list[dict[str, Any]], data: str, partial: bool
+) -> dict[str, Any]:
     summary = {}
     for method in methods:
         top1 = [r["top1"] for r in runs if r["method"] == method]
+        if not top1:
+            continue
         summary[method] = {
             "top1_mean": statistics.fmean(top1),
             "top1_std": statistics.stdev(top1) if len(top1) > 1 else None,
@@ -234,6 +247,7 @@ def part_accuracy(
         "seeds": args.seeds,
         "runs": runs,
         "summary": summary,
+        **({"partial": "the bench was still running when this was written"} if partial else {}),
         "data": data,
         "accuracy_on": "the final model on the val split (Fashion-MNIST: the 10,000 t10k test images), evaluated once "
         "at the end: no checkpoint is selected on it",
@@ -256,22 +270,26 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     started = time.perf_counter()
-    if args.part == "cost":
-        result = part_cost(args)
-    elif args.part == "accuracy":
-        result = part_accuracy(args)
-    else:  # which SMMix term makes the difference, same recipe and seeds
-        result = part_accuracy(args, tuple(ABLATIONS))
-    result = {
-        "benchmark": f"smmix_{args.part}",
-        "command": command_line(),
-        "machine": machine(),
-        **result,
-        "bench_wall_s": round(time.perf_counter() - started, 1),
-    }
     out = Path(args.out or f"bench/results/smmix_{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def save(part: dict[str, Any]) -> dict[str, Any]:
+        result = {
+            "benchmark": f"smmix_{args.part}",
+            "command": command_line(),
+            "machine": machine(),
+            **part,
+            "bench_wall_s": round(time.perf_counter() - started, 1),
+        }
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    if args.part == "cost":
+        result = save(part_cost(args))
+    elif args.part == "accuracy":
+        result = save(part_accuracy(args, save=save))
+    else:  # which SMMix term makes the difference, same recipe and seeds
+        result = save(part_accuracy(args, tuple(ABLATIONS), save=save))
     if args.part == "cost":
         print(f"smmix/cutmix = {result['ratio_smmix_over_cutmix']:.3f} (mean step {result['mean_step_s']}) -> {out}")
     else:

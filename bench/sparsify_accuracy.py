@@ -1,11 +1,12 @@
 """Accuracy of the sparsify methods against their baselines on Fashion-MNIST, same epochs and seeds.
 
 Runs `evcli sparsify` (through the library, one process: the code path of the CLI) for: dense, magnitude 2:4,
-SR-STE 2:4, LBC 2:4, and magnitude vs OptG at 90% unstructured (OptG with its two tie rules), each with 2 seeds,
-on timm resnet18 at 28 px, and records top-1 mean and spread with the realized sparsity of the targeted layers.
+SR-STE 2:4, LBC 2:4, and magnitude vs OptG at 90% unstructured (OptG with its two tie rules and the fixed-mask
+finish), each over the same seeds, on timm resnet18 at 28 px, and records top-1 mean and spread with the realized sparsity of the targeted layers.
 Accuracy is the final model's on held-out test images (one evaluation, at the end: nothing is selected on
-them). Training and test sets are class-balanced subsets (data.train_subset, data.val_subset) so that the 14
-runs fit a shared 2-core machine; the JSON says how large.
+them). Training and test sets are class-balanced subsets (data.train_subset, data.val_subset) so that the
+runs fit a shared 2-core machine; the JSON says how large. `--only CONFIG... --seeds S...` adds configs, or
+seeds of configs, to an existing file of the same setting (per seed, the new run's value wins).
 
 Data: Fashion-MNIST as Debian ships it (`apt-get install dataset-fashion-mnist`, MIT licence), read from its IDX
 files; `--data builtin` runs on the built-in digits instead.
@@ -41,6 +42,48 @@ CONFIGS: list[tuple[str, dict]] = [
         {"sparsify.method": "optg", "sparsify.sparsity": 0.9, "sparsify.optg_fixed_tail": "50%"},
     ),
 ]
+
+
+def _row(name: str, extra: dict, seeds: list[int], top1: list, sparsity: list, seconds: list) -> dict:
+    return {
+        "config": name,
+        "overrides": extra,
+        "seeds": seeds,
+        "top1_per_seed": top1,
+        "top1_mean": statistics.mean(top1),
+        "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+        "top1_min": min(top1),
+        "top1_max": max(top1),
+        "sparsity_per_seed": sparsity,
+        "sparsity_targeted_layers": statistics.mean(sparsity),
+        "seconds_per_seed": seconds,
+        "seconds_per_run": statistics.mean(seconds),
+    }
+
+
+def _merge_seeds(old: dict, new: dict, old_seeds: list[int]) -> dict:
+    """One row from an earlier file's row and this run's row of the same config: per seed, this run's value wins."""
+    seeds = old.get("seeds", old_seeds)
+    n = len(seeds)
+    per_seed = {
+        s: (t, sp, sec)
+        for s, t, sp, sec in zip(
+            seeds,
+            old["top1_per_seed"],
+            old.get("sparsity_per_seed", [old["sparsity_targeted_layers"]] * n),
+            old.get("seconds_per_seed", [old["seconds_per_run"]] * n),
+        )
+    }
+    per_seed.update(zip(new["seeds"], zip(new["top1_per_seed"], new["sparsity_per_seed"], new["seconds_per_seed"])))
+    order = sorted(per_seed)
+    return _row(
+        new["config"],
+        new["overrides"],
+        order,
+        [per_seed[s][0] for s in order],
+        [per_seed[s][1] for s in order],
+        [per_seed[s][2] for s in order],
+    )
 
 
 def main() -> None:
@@ -112,16 +155,21 @@ def main() -> None:
         }
         out = Path(args.out)
         if previous is not None:
-            # --only adds or replaces its rows in an existing file of the same setting; other rows are kept
+            # --only adds rows, or seeds to rows, in an existing file of the same setting; other rows are kept
             old = previous
-            same = {k: v for k, v in old.get("setting", {}).items() if k != "data"} == {
-                k: v for k, v in result["setting"].items() if k != "data"
+            ignore = ("data", "seeds")
+            same = {k: v for k, v in old.get("setting", {}).items() if k not in ignore} == {
+                k: v for k, v in result["setting"].items() if k not in ignore
             }
             if same:
-                mine = {r["config"] for r in rows}
-                kept = [r for r in old.get("results", []) if r["config"] not in mine]
+                old_seeds = old["setting"].get("seeds", [])
+                merged = {r["config"]: r for r in old.get("results", [])}
+                for r in rows:
+                    before = merged.get(r["config"])
+                    merged[r["config"]] = _merge_seeds(before, r, old_seeds) if before else r
                 order = [name for name, _ in CONFIGS]
-                result["results"] = sorted(kept + rows, key=lambda r: order.index(r["config"]))
+                result["results"] = sorted(merged.values(), key=lambda r: order.index(r["config"]))
+                result["setting"]["seeds"] = sorted(set(old_seeds) | set(args.seeds))
                 result["command"] = f"{old.get('command')}; {result['command']}"
                 result["wall_seconds"] = round(old.get("wall_seconds", 0) + result["wall_seconds"], 1)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,19 +198,7 @@ def main() -> None:
                 top1.append(report["metrics"]["top1"])
                 sparsity.append(report["metrics"].get("sparsity", 0.0))
                 print(f"{name} seed {seed}: top-1 {top1[-1]:.2f}% sparsity {sparsity[-1]:.4f}", file=sys.stderr)
-            rows.append(
-                {
-                    "config": name,
-                    "overrides": extra,
-                    "top1_per_seed": top1,
-                    "top1_mean": statistics.mean(top1),
-                    "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-                    "top1_min": min(top1),
-                    "top1_max": max(top1),
-                    "sparsity_targeted_layers": statistics.mean(sparsity),
-                    "seconds_per_run": statistics.mean(seconds),
-                }
-            )
+            rows.append(_row(name, extra, list(args.seeds), top1, sparsity, seconds))
             write(complete=False)
     write(complete=True)
     for r in rows:

@@ -12,6 +12,7 @@ from torch import nn
 
 from evcli.errors import CheckpointError
 from evcli.io.checkpoint import (
+    atomic_link_or_copy,
     atomic_write,
     check_safetensors_file,
     decode_state,
@@ -68,6 +69,22 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path):
         atomic_write(target, broken)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+
+
+@pytest.mark.parametrize("can_link", [True, False])
+def test_best_checkpoint_keeps_its_bytes_when_last_is_rewritten(tmp_path: Path, monkeypatch, can_link: bool):
+    """best.safetensors is a hard link to last (no copy) or, where links fail, a copy; either way rewriting
+    last later leaves best as it was."""
+    if not can_link:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links here")))
+    last, best = tmp_path / "last.safetensors", tmp_path / "best.safetensors"
+    save_safetensors(last, {"a": torch.zeros(2)}, {"kind": "training"})
+    atomic_link_or_copy(last, best)
+    first = best.read_bytes()
+    assert first == last.read_bytes() and os.path.samefile(last, best) == can_link
+    save_safetensors(last, {"a": torch.ones(2)}, {"kind": "training"})
+    assert best.read_bytes() == first != last.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors"]
 
 
 @pytest.mark.parametrize("name", ["model.pth", "model.pt", "model.bin", "model.ckpt", "weights.pth.tar"])

@@ -187,3 +187,22 @@ def test_lr_schedule_shapes(sched: str):
         assert lrs[49] == 1.0 and lrs[50] == pytest.approx(0.1) and lrs[75] == pytest.approx(0.01)
     else:
         assert set(lrs[10:]) == {1.0}
+
+
+def test_optimizer_steps_are_fused_and_bump_versions():
+    """The engine's optimizers use torch's fused update where it applies, and a step still bumps the version
+    counter of every parameter it wrote (fused kernels do not; version-keyed caches depend on it)."""
+    from evcli.engine.optim import NamedOptimizer
+    from evcli.recipe import OptimConfig, ScheduleConfig
+
+    for name in ("sgd", "adamw"):
+        used, unused = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+        opt = NamedOptimizer(
+            "main", [{"params": [used, unused]}], OptimConfig(name=name), ScheduleConfig(), 0.1, 10, 5
+        )
+        assert opt.optimizer.param_groups[0]["fused"] is True
+        used.grad = torch.ones(4)
+        before = (used._version, unused._version, used.detach().clone())
+        opt.step()
+        assert used._version > before[0] and unused._version == before[1]
+        assert not torch.equal(used.detach(), before[2])

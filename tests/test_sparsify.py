@@ -398,6 +398,66 @@ def test_optg_fixed_tail_keeps_one_mask_to_the_end():
     assert method.p_e == 0.9
 
 
+def test_lbc_training_mask_matches_the_card_formula():
+    """m = 1[(α ⊙ 1[α≠0]) Π ≠ 0] with a straight-through gradient: the fused function gives the composed ops'
+    mask and dL/dα, and removed (zero) scores get no loss gradient."""
+    from evcli.methods.sparsify.layers import LBCSite
+
+    torch.manual_seed(0)
+    for n, m in ((2, 4), (1, 4), (2, 8)):
+        site = LBCSite(torch.Size([4, 16, 3, 3]), n, m)
+        with torch.no_grad():
+            site.alpha.copy_(torch.randn_like(site.alpha))
+            site.alpha[torch.rand_like(site.alpha) < 0.4] = 0.0
+        upstream = torch.randn(site.alpha.shape[0], m)
+        fused = site.mask()
+        (fused * upstream).sum().backward()
+        a = site.alpha.detach().clone().requires_grad_(True)
+        s = (a * (a != 0).to(a.dtype)) @ site.table
+        composed = (s != 0).to(a.dtype)
+        (s * upstream).sum().backward()  # the straight-through binarisation passes the gradient to s
+        assert torch.equal(fused.detach(), composed)
+        assert torch.allclose(site.alpha.grad, a.grad, atol=1e-6)
+        assert torch.all(site.alpha.grad[site.alpha == 0] == 0) and site.alpha.grad.abs().sum() > 0
+
+
+def test_lbc_removal_equals_a_full_topk_every_step(monkeypatch):
+    """The removal reuses last step's choice where it is still strictly the k lowest; over steps that revive
+    removed scores, move survivors across them, tie them, and raise k, it zeroes exactly what a top-k over all
+    groups zeroes."""
+    from evcli.methods.sparsify.layers import LBCSite
+
+    topk = torch.topk
+
+    def reference(alpha: torch.Tensor, k: int) -> torch.Tensor:
+        a = alpha.clone()
+        a[a == 0] = float("-inf")
+        return torch.zeros_like(a, dtype=torch.bool).scatter(1, topk(a, k, dim=1, largest=False).indices, True)
+
+    ranked = []
+    monkeypatch.setattr(torch, "topk", lambda t, *a, **kw: (ranked.append(t.shape[0]), topk(t, *a, **kw))[1])
+    torch.manual_seed(0)
+    site = LBCSite(torch.Size([8, 16, 3, 3]), 2, 4)
+    with torch.no_grad():
+        site.alpha.copy_(torch.rand_like(site.alpha) + 0.1)
+    schedule = [1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 5]
+    for step, k in enumerate(schedule):
+        expected = site.alpha.detach().masked_fill(reference(site.alpha.detach(), k), 0.0)
+        site.remove(k)
+        assert torch.equal(site.alpha.detach(), expected), f"step {step}, k {k}"
+        assert int((site.alpha == 0).sum(1).min()) >= k
+        with torch.no_grad():  # an optimizer step
+            zero = site.alpha == 0
+            site.alpha.add_(torch.randn_like(site.alpha) * 0.05)
+            site.alpha[zero] = torch.randn(int(zero.sum())) * 1e-3  # momentum revives the removed ones
+            site.alpha[:5] = 0.25  # tied groups
+            site.alpha[5:8, 0] = 0.0  # an exact zero among the survivors
+            if step % 3 == 2:
+                site.alpha[8:40] = site.alpha[8:40].flip(1)  # survivors fall below the removed ones
+    groups = site.alpha.shape[0]
+    assert 0 < sum(ranked) < len(schedule) * groups  # the top-k ran on the changed groups only
+
+
 def test_lbc_does_no_mask_work_once_frozen():
     """After t_f the scores are frozen: no re-zeroing, no mask recomputation on any later step."""
     method, model = _attached({"sparsify.nm": "2:4"})

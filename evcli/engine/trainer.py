@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -48,7 +47,7 @@ from evcli.errors import (
     UsageError,
 )
 from evcli.io.checkpoint import (
-    atomic_write,
+    atomic_link_or_copy,
     atomic_write_text,
     decode_state,
     encode_state,
@@ -481,7 +480,7 @@ class Trainer:
             ckdir = self.run_dir / "checkpoints"
             last = save_safetensors(ckdir / "last.safetensors", tensors, meta)
             if is_best:
-                atomic_write(ckdir / "best.safetensors", lambda tmp: shutil.copyfile(last, tmp))
+                atomic_link_or_copy(last, ckdir / "best.safetensors")
         self.last_ckpt_step = self.ctx.step
         self.accelerator.wait_for_everyone()
 
@@ -600,7 +599,7 @@ class Trainer:
         if ctx.is_last_micro_step:
             if opt.cfg.clip_grad:
                 self.accelerator.clip_grad_norm_(opt.params, opt.cfg.clip_grad)
-            opt.optimizer.step()
+            opt.step()
             opt.optimizer.zero_grad(set_to_none=True)
 
     def current_lr(self, name: str) -> float:
@@ -640,7 +639,7 @@ class Trainer:
             for opt in self.named.values():
                 if opt.cfg.clip_grad:
                     acc.clip_grad_norm_(opt.params, opt.cfg.clip_grad)
-                opt.optimizer.step()
+                opt.step()
             for opt in self.named.values():
                 opt.optimizer.zero_grad(set_to_none=True)
         ctx.micro_step = 0

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,21 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         raise
     _remove_stray_temps(path, started_ns)
     return path
+
+
+def atomic_link_or_copy(source: str | Path, path: str | Path) -> Path:
+    """Atomically make ``path`` hold the bytes of ``source``: a hard link where the file system allows one (no
+    copy: ``source`` is only ever replaced by rename, never rewritten in place, so the link keeps its bytes),
+    otherwise a copy."""
+
+    def write(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    return atomic_write(path, write)
 
 
 def _remove_stray_temps(path: Path, before_ns: int) -> None:

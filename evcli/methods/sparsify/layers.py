@@ -157,16 +157,23 @@ def is_site_key(key: str) -> bool:
 # Sites: the per-layer tensors of each method
 
 
-class _BinaryMaskSTE(torch.autograd.Function):
-    """m = 1[s != 0] forward, identity backward (LBC's straight-through mask)."""
+class _LBCMask(torch.autograd.Function):
+    """LBC's training mask in one function: forward m = 1[(α ⊙ 1[α≠0]) Π ≠ 0], backward straight through the
+    binarisation and the product, dL/dα = (dL/dm Πᵀ) ⊙ 1[α≠0] (removed combinations get no gradient).
+
+    The same values and gradients as the composed ops, without materialising α ⊙ 1[α≠0] (equal to α) forward and
+    its product backward: on resnet50 2:4 these passes over the 35M scores were a tenth of a step.
+    """
 
     @staticmethod
-    def forward(ctx: Any, s: torch.Tensor) -> torch.Tensor:
-        return (s != 0).to(s.dtype)
+    def forward(ctx: Any, alpha: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(alpha, table)
+        return ((alpha @ table) != 0).to(alpha.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        alpha, table = ctx.saved_tensors
+        return (grad @ table.t()).masked_fill_(alpha == 0, 0.0), None
 
 
 class _SRSTEMasked(torch.autograd.Function):
@@ -222,6 +229,8 @@ class LBCSite(Site):
         self.alpha = nn.Parameter(torch.full((groups, combos), 1.0 / per_weight))
         self._cache: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+        self._chosen: torch.Tensor | None = None  # the combinations the last removal zeroed, [G, C] bool
+        self._chosen_k = 0
 
     @property
     def combos(self) -> int:
@@ -236,7 +245,7 @@ class LBCSite(Site):
         """The [G, M] mask; straight-through to α while α trains, cached while α does not change."""
         a = self.alpha
         if a.requires_grad and torch.is_grad_enabled():
-            return _BinaryMaskSTE.apply(self.scores_per_weight())
+            return _LBCMask.apply(a, self.table.to(a.dtype))
         # evaluation, or α frozen after t_f: the mask only changes when α does (its version counter)
         key = (a._version, a.data_ptr())
         if self._cache_key != key:
@@ -250,13 +259,31 @@ class LBCSite(Site):
 
     @torch.no_grad()
     def remove(self, k: int) -> None:
-        """Zero the k smallest scores of every group; zeros are re-selected first (momentum can revive them)."""
+        """Zero the k smallest scores of every group; zeros are re-selected first (momentum can revive them).
+
+        Between two removals with the same k only an optimizer step moves the scores, and in almost every group the
+        k combinations zeroed last time are still strictly below all the others: then they are exactly the k
+        smallest, and only the remaining groups need a top-k (on resnet50 2:4 about half the cost of a top-k over
+        all groups). Ties at the boundary always go through the top-k, so the result is the full top-k's.
+        """
         if k <= 0:
             return
-        a = self.alpha.detach().clone()
-        a[a == 0] = float("-inf")
-        idx = torch.topk(a, k, dim=1, largest=False).indices
-        self.alpha.scatter_(1, idx, 0.0)  # in place on the parameter: bumps its version (mask cache)
+        a = torch.where(self.alpha == 0, float("-inf"), self.alpha.detach())
+        chosen = self._chosen if self._chosen_k == k and self._chosen is not None else None
+        if chosen is None or chosen.shape != a.shape or chosen.device != a.device:
+            idx = torch.topk(a, k, dim=1, largest=False).indices
+            chosen = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
+        else:
+            below = a.masked_fill(~chosen, float("-inf")).amax(dim=1)
+            above = a.masked_fill(chosen, float("inf")).amin(dim=1)
+            rows = (below >= above).nonzero().squeeze(1)
+            if rows.numel():
+                idx = torch.topk(a[rows], k, dim=1, largest=False).indices
+                chosen[rows] = torch.zeros(len(rows), a.shape[1], dtype=torch.bool, device=a.device).scatter_(
+                    1, idx, True
+                )
+        self.alpha.masked_fill_(chosen, 0.0)  # in place on the parameter: bumps its version (mask cache)
+        self._chosen, self._chosen_k = chosen, k
 
     @torch.no_grad()
     def final_mask(self, weight: torch.Tensor) -> torch.Tensor:
