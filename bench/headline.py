@@ -90,6 +90,9 @@ def main() -> None:
             and row["train_seconds"] <= target.get("train_seconds_max", float("inf"))
             and row.get("nm_exact", True) == target.get("nm_exact", row.get("nm_exact", True))
         )
+        # --only replaces some rows of the file: each row says which invocation recorded it, and when
+        row["recorded_by"] = result["command"]
+        row["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         result["runs"][name] = row
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
