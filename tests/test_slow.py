@@ -12,7 +12,7 @@ from evcli.testing import run_cli
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path: Path):
-    """The full quickstart (about 2 minutes on 2 cores) reaches well above chance (10%) on the val digits."""
+    """The full quickstart (under 2.5 minutes on 2 cores) reaches well above chance (10%) on the val digits."""
     r = run_cli(["mix", "--recipe", "mix/quickstart", "-o", str(tmp_path / "qs"), "--json"])
     assert r.code == 0, r.stderr
     report = json.loads(r.stdout)
