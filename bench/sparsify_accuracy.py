@@ -2,7 +2,8 @@
 
 Runs `evcli sparsify` (through the library, one process: the code path of the CLI) for: dense, magnitude 2:4,
 SR-STE 2:4, LBC 2:4, and magnitude vs OptG at 90% unstructured (OptG with its two tie rules and the fixed-mask
-finish), each over the same seeds, on timm resnet18 at 28 px, and records top-1 mean and spread with the realized sparsity of the targeted layers.
+finish), each over the same seeds, on timm resnet18 at 28 px, and records top-1 mean and spread with the realized
+sparsity of the targeted layers.
 Accuracy is the final model's on held-out test images (one evaluation, at the end: nothing is selected on
 them). Training and test sets are class-balanced subsets (data.train_subset, data.val_subset) so that the
 runs fit a shared 2-core machine; the JSON says how large. `--only CONFIG... --seeds S...` adds configs, or

@@ -197,9 +197,7 @@ def test_optimizer_steps_are_fused_and_bump_versions():
 
     for name in ("sgd", "adamw"):
         used, unused = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
-        opt = NamedOptimizer(
-            "main", [{"params": [used, unused]}], OptimConfig(name=name), ScheduleConfig(), 0.1, 10, 5
-        )
+        opt = NamedOptimizer("main", [{"params": [used, unused]}], OptimConfig(name=name), ScheduleConfig(), 0.1, 10, 5)
         assert opt.optimizer.param_groups[0]["fused"] is True
         used.grad = torch.ones(4)
         before = (used._version, unused._version, used.detach().clone())

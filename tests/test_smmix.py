@@ -281,7 +281,9 @@ def test_smmix_loss_assembly(monkeypatch: pytest.MonkeyPatch):
     own = sm.smooth_one_hot(y, 4, 0.1)
     logits, z_t, z_s = net(mixed.images, mixed.target_mask, mixed.source_mask)
     l_cls = -(F.log_softmax(logits, -1) * (mixed.lam * own + (1 - mixed.lam) * own.flip(0))).sum(-1).mean()
-    l_fine = 0.5 * (-(F.log_softmax(z_t, -1) * own).sum(-1).mean() - (F.log_softmax(z_s, -1) * own.flip(0)).sum(-1).mean())
+    l_fine = 0.5 * (
+        -(F.log_softmax(z_t, -1) * own).sum(-1).mean() - (F.log_softmax(z_s, -1) * own.flip(0)).sum(-1).mean()
+    )
     l_con = sm.consistency_kl(logits, clean, mixed.lam)
     assert torch.allclose(out.logs["loss_fine"], l_fine.detach(), atol=1e-6)
     assert torch.allclose(out.loss, l_cls + 0.7 * l_fine + 0.3 * l_con, atol=1e-6)

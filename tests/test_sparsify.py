@@ -356,10 +356,12 @@ def test_optg_masks_reach_each_epochs_target_when_scores_tie(ties: str, realized
     assert zeros / total == pytest.approx(realized, abs=1.0 / total)
     assert method.p_e == 0.34 and method.p_realized == pytest.approx(realized, abs=1.0 / total)
     if ties == "weight":  # the smallest |W| of the whole model went first
-        pruned = torch.cat([m.weight.detach().abs()[s.mask == 0] for m, s in zip(method.layer_modules.values(),
-                                                                                  method.sites.values())])
-        kept = torch.cat([m.weight.detach().abs()[s.mask == 1] for m, s in zip(method.layer_modules.values(),
-                                                                               method.sites.values())])
+        pruned = torch.cat(
+            [m.weight.detach().abs()[s.mask == 0] for m, s in zip(method.layer_modules.values(), method.sites.values())]
+        )
+        kept = torch.cat(
+            [m.weight.detach().abs()[s.mask == 1] for m, s in zip(method.layer_modules.values(), method.sites.values())]
+        )
         assert pruned.max() <= kept.min()
     method._set_optg_masks(0.9)  # the target itself: exact either way
     zeros = sum(int((site.mask == 0).sum()) for site in method.sites.values())
@@ -475,8 +477,9 @@ def test_lbc_does_no_mask_work_once_frozen():
         model(x)
     assert [s.alpha._version for s in method.sites.values()] == versions
     assert all(s._cache is c for s, c in zip(method.sites.values(), caches))
-    assert all(is_nm(s.masked_weight(m.weight), 2, 4) for m, s in zip(method.layer_modules.values(),
-                                                                       method.sites.values()))
+    assert all(
+        is_nm(s.masked_weight(m.weight), 2, 4) for m, s in zip(method.layer_modules.values(), method.sites.values())
+    )
 
 
 def test_lbc_rezeroes_once_per_change_of_the_scores(monkeypatch):

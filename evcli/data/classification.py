@@ -15,8 +15,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from evcli.console import warn
-from evcli.data.loading import mix_seed, seeded_rng
 from evcli.data.idx import idx_classes, is_idx_folder, load_idx_split
+from evcli.data.loading import mix_seed, seeded_rng
 from evcli.errors import DataError
 from evcli.io.images import is_image_file, load_rgb, verify_image
 

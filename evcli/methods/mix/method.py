@@ -2,9 +2,9 @@
 
 Mixup and CutMix are timm's (``timm.data.Mixup``, batch mode, partner = flipped batch, label
 smoothing folded into the targets, CutMix area-corrected lambda); ``mixup-cutmix`` is the DeiT recipe's switch
-(each batch CutMix with probability ``switch_prob``, else Mixup), the baseline SMMix is measured against. SMMix (``smmix.py``) replaces the
-CutMix half of the DeiT recipe: each batch takes the SMMix branch with probability ``switch_prob``,
-else plain Mixup. SMMix's train-time token head is added in ``transform`` (after user weights load into
+(each batch CutMix with probability ``switch_prob``, else Mixup), the baseline SMMix is measured against. SMMix
+(``smmix.py``) replaces the CutMix half of the DeiT recipe: each batch takes the SMMix branch with probability
+``switch_prob``, else plain Mixup. SMMix's train-time token head is added in ``transform`` (after user weights load into
 the plain backbone) and dropped at export. Random draws use NumPy's global RNG, which the engine reseeds
 per step, so mixing is reproducible and resumable.
 """
