@@ -119,6 +119,19 @@ def test_fine_sequence_children_with_reuse_and_coarse_input_embeddings_for_the_r
     assert full.shape == (b, 1 + 4 * c * c, d)
 
 
+def test_reuse_block_has_the_reference_vit_init():
+    """The reference builds the reuse MLP inside the model before the ViT weight init: truncated normal std 0.02,
+    zero biases (PyTorch's default init would give fc1 a std of about 1 / sqrt(3 d))."""
+    from evcli.methods.coarse2fine.model import ReuseBlock
+
+    torch.manual_seed(0)
+    block = ReuseBlock(192)
+    for fc in (block.fc1, block.fc2):
+        assert abs(float(fc.weight.std()) - 0.02) < 0.002
+        assert torch.count_nonzero(fc.bias) == 0
+    assert torch.equal(block.norm.weight, torch.ones(192)) and torch.count_nonzero(block.norm.bias) == 0
+
+
 @pytest.mark.parametrize("c", [3, 9])
 def test_early_exit_runs_the_fine_stage_on_the_rest_only(c: int):
     """Odd grids included (9 is the paper's 9x9 layout, here with 2 px patches at 36 px)."""

@@ -37,6 +37,17 @@ class ReuseBlock(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The ViT init the reference gives it (it is built inside the model before timm's weight init runs):
+        linear weights truncated normal, std 0.02, zero biases; LayerNorm weight 1, bias 0. PyTorch's default
+        init makes the reused features large next to the fine embeddings and slows the start of training."""
+        for fc in (self.fc1, self.fc2):
+            nn.init.trunc_normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(x))))
