@@ -333,11 +333,25 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown data set {name}")
         epochs = args.epochs if name == "fashion" else args.digits_epochs
+        section_start = time.perf_counter()
         result[name] = dataset_section(name, fit, tst, what, work, args, epochs)
+        result[name]["recorded_by"] = {
+            "command": result["command"],
+            "date": result["date"],
+            "seconds": round(time.perf_counter() - section_start, 1),
+        }
         print(json.dumps({k: v for k, v in result[name]["test"].items() if k != "rows"}, indent=1), file=sys.stderr)
     result["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a run of some data sets keeps the other data sets' sections of the file, with their commands
+        previous = json.loads(out.read_text())
+        for name in ("fashion", "digits"):
+            if name not in result and name in previous:
+                result[name] = previous[name]
+                result[name].setdefault(
+                    "recorded_by", {"command": previous.get("command"), "date": previous.get("date")}
+                )
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 
