@@ -192,12 +192,9 @@ def dataset_section(name: str, fit: Path, tst: Path, what: str, work: Path, args
 
     cf_run, dense_run = work / f"{name}-cfvit", work / f"{name}-dense"
     dense_report, dense_s = train(fit, "dense", dense_run, args, epochs)
-    if args.cfvit_init == "dense":  # evcli coarse2fine --init-from <the dense run>: fine-tune it into a CF-ViT
-        cf_epochs = max(1, round(epochs * args.finetune_fraction))
-        cf_report, cf_s = train(fit, "cfvit", cf_run, args, cf_epochs, init_from=dense_run)
-    else:
-        cf_epochs = epochs
-        cf_report, cf_s = train(fit, "cfvit", cf_run, args, epochs)
+    fine_tune = args.cfvit_init == "dense"  # evcli coarse2fine --init-from <the dense run>: fine-tune into a CF-ViT
+    cf_epochs = max(1, round(epochs * args.finetune_fraction)) if fine_tune else epochs
+    cf_report, cf_s = train(fit, "cfvit", cf_run, args, cf_epochs, init_from=dense_run if fine_tune else None)
     etas = [0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0]
 
     def recipe_on(folder: Path):
