@@ -77,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fp-steps", type=int, default=600)
     ap.add_argument("--q-steps", type=int, default=100)
+    ap.add_argument("--fp-lr", type=float, default=5e-4, help="Adam lr of the fp32 training (cosine to 1e-5)")
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--patch", type=int, default=64)
@@ -139,7 +140,7 @@ def main() -> None:
     results: dict = {}
     fp_recipe = api.resolve(
         "quant-sr",
-        sets=[*base, "quant-sr.bits=32", f"schedule.max_steps={args.fp_steps}", "optim.lr=5e-4",
+        sets=[*base, "quant-sr.bits=32", f"schedule.max_steps={args.fp_steps}", f"optim.lr={args.fp_lr:g}",
               "schedule.sched=cosine", "schedule.min_lr=1e-5", f"out.dir={work / 'fp'}"],
     )  # fmt: skip
     bic = evaluate_bicubic(fp_recipe)["metrics"]
@@ -157,6 +158,9 @@ def main() -> None:
     else:
         teacher = args.teacher
         done = json.loads((teacher / "report.json").read_text())
+        import yaml
+
+        args.fp_lr = float(yaml.safe_load((teacher / "resolved_recipe.yaml").read_text())["optim"]["lr"])
         own = done["metrics"]
         fp_eval = api.evaluate(fp_recipe, teacher)["metrics"]  # measured here, on the same held-out sets
         results["fp32"] = {
@@ -216,7 +220,7 @@ def main() -> None:
             "conv / upsampler / tail in fp32",
             "hr_patch": args.patch,
             "batch": args.batch,
-            "fp32_training": f"{results['fp32']['steps']} steps, Adam lr 5e-4 cosine to 1e-5, L1"
+            "fp32_training": f"{results['fp32']['steps']} steps, Adam lr {args.fp_lr:g} cosine to 1e-5, L1"
             + (f" (trained beforehand: {args.teacher})" if args.teacher else ""),
             "quantized_training": f"{args.q_steps} steps each (same budget for PAMS and DDTB), calibration on "
             f"{args.calib} batches, Adam lr 1e-4 (weights) / 1e-2 (bounds), step decay x0.5 at the recipe's relative "
