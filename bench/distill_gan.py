@@ -15,7 +15,10 @@ crops, never trained on, no checkpoint selection: the final weights of every run
    teacher's output) and ``crd`` (rows / columns / patches RKD + style / feature with a random VGG16, offline +
    the teacher's frozen discriminator);
 3. PSNR / SSIM of each student's output against the teacher's on the held-out images (`evcli distill-gan eval`
-   with the teacher), and of the teacher against itself as a check (inf / 1).
+   with the teacher), and of the teacher against itself as a check (inf / 1);
+4. CycleGAN task: does the teacher translate? The built-in B domain is made by a known function (sepia), so
+   every generator's held-out output is also scored against that function applied to its input, next to the
+   input itself (no translation); a picture of all of them is written to ``--out``.
 
     python bench/distill_gan.py [--img-size 32] [--teacher-steps 400] [--student-steps 300] [--out DIR] [--threads 1]
 """
@@ -124,7 +127,48 @@ def quality_section(args: argparse.Namespace) -> dict:
     # the teacher's own quality (did it learn anything?), from its checkpoint (a CycleGAN teacher needs its G_B)
     teacher_recipe = _recipe([*common, "distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}"])
     teacher_eval = api.evaluate(teacher_recipe, out / "teacher" / "checkpoints" / "last.safetensors")["metrics"]
-    return {"runs": runs, "teacher_on_heldout": teacher_eval, "student_vs_teacher_on_heldout": scores}
+    result = {"runs": runs, "teacher_on_heldout": teacher_eval, "student_vs_teacher_on_heldout": scores}
+    if args.task == "cyclegan":
+        result["vs_sepia_reference_on_heldout"] = sepia_reference(out, args.img_size)
+    return result
+
+
+def sepia_reference(out: Path, img_size: int) -> dict:
+    """Does the teacher translate? The built-in B domain is made by a known function (evcli.data.gan.sepia),
+    so each generator's output on the held-out A images is compared with that function applied to them, a
+    reference no run ever saw (B's photos are other scenes). The input itself is the do-nothing baseline.
+    Writes a picture (rows: held-out images; columns: input | reference | teacher | alone | l1 | crd)."""
+    import numpy as np
+    from PIL import Image
+
+    from evcli import api
+    from evcli.data.gan import builtin_unpaired, sepia
+    from evcli.metrics.image import psnr, ssim
+
+    val = builtin_unpaired(img_size, img_size, 0, 1).val
+    a = torch.stack([val[(0, i)]["A"] for i in range(len(val))])
+    unit = (a + 1) / 2
+    target = torch.stack([sepia(x) for x in unit])
+
+    def score(y: torch.Tensor) -> dict:
+        return {"psnr": round(float(psnr(y, target).mean()), 3), "ssim": round(float(ssim(y, target).mean()), 4)}
+
+    rows, columns = {"input (no translation)": score(unit)}, [unit, target]
+    for name in ("teacher", "alone", "l1", "crd"):
+        loaded = api.load(out / name / "final.safetensors")
+        with torch.no_grad():
+            y = ((loaded.modules[loaded.method.weights_module](a).float() + 1) / 2).clamp(0, 1)
+        rows[name] = score(y)
+        columns.append(y)
+    grid = torch.cat([torch.cat(list(col), 1) for col in columns], 2)  # [3, n*H, 6*W]
+    picture = out / "heldout_input_reference_teacher_alone_l1_crd.png"
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(picture)
+    return {
+        "reference": "evcli.data.gan.sepia of each held-out A image (the function that made the B domain)",
+        "images": len(a),
+        "scores": rows,
+        "picture": str(picture),
+    }
 
 
 def main() -> None:

@@ -129,7 +129,7 @@ def main() -> None:
         f"data.img_size={args.patch}",
         f"data.batch_size={args.batch}",
         "data.workers=0",
-        "schedule.epochs=1",
+        "schedule.epochs=1000",  # --fp-steps / --q-steps end the runs (one epoch = 1562 steps)
         "train.eval_every=100000step",
         "train.log_every=50",
     ]
