@@ -129,7 +129,7 @@ def main() -> None:
         f"data.img_size={args.patch}",
         f"data.batch_size={args.batch}",
         "data.workers=0",
-        "schedule.epochs=1000",  # --fp-steps / --q-steps end the runs (one epoch = 1562 steps)
+        "schedule.epochs=1000",  # --fp-steps / --q-steps end the runs (epochs=1 capped them at one pass over the data)
         "train.eval_every=100000step",
         "train.log_every=50",
     ]
@@ -138,6 +138,7 @@ def main() -> None:
         return {s: {"psnr": round(m[f"{s}/psnr"], 3), "ssim": round(m[f"{s}/ssim"], 4)} for s in sets}
 
     results: dict = {}
+    fp_lr = args.fp_lr
     fp_recipe = api.resolve(
         "quant-sr",
         sets=[*base, "quant-sr.bits=32", f"schedule.max_steps={args.fp_steps}", f"optim.lr={args.fp_lr:g}",
@@ -158,9 +159,9 @@ def main() -> None:
     else:
         teacher = args.teacher
         done = json.loads((teacher / "report.json").read_text())
-        import yaml
+        from evcli.engine.run import load_run_recipe
 
-        args.fp_lr = float(yaml.safe_load((teacher / "resolved_recipe.yaml").read_text())["optim"]["lr"])
+        fp_lr = load_run_recipe(teacher).optim.lr  # the lr the teacher was trained with, not this bench's flag
         own = done["metrics"]
         fp_eval = api.evaluate(fp_recipe, teacher)["metrics"]  # measured here, on the same held-out sets
         results["fp32"] = {
@@ -220,7 +221,7 @@ def main() -> None:
             "conv / upsampler / tail in fp32",
             "hr_patch": args.patch,
             "batch": args.batch,
-            "fp32_training": f"{results['fp32']['steps']} steps, Adam lr {args.fp_lr:g} cosine to 1e-5, L1"
+            "fp32_training": f"{results['fp32']['steps']} steps, Adam lr {fp_lr:g} cosine to 1e-5, L1"
             + (f" (trained beforehand: {args.teacher})" if args.teacher else ""),
             "quantized_training": f"{args.q_steps} steps each (same budget for PAMS and DDTB), calibration on "
             f"{args.calib} batches, Adam lr 1e-4 (weights) / 1e-2 (bounds), step decay x0.5 at the recipe's relative "
