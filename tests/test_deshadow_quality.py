@@ -201,6 +201,43 @@ def test_tiled_inference_equals_one_pass_for_a_pointwise_model():
     assert torch.allclose(whole, tiled, atol=1e-6)
 
 
+class _TileMean(nn.Module):
+    """Not pointwise (each tile's mean enters its output), counting its calls."""
+
+    calls = 0
+
+    def forward(self, rgb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        _TileMean.calls += 1
+        return (0.5 * rgb + rgb.mean()).clamp(0, 1)
+
+
+def test_keep_lit_skips_only_tiles_whose_output_is_discarded():
+    from evcli.methods.deshadow.infer import keep_lit_region, remove_shadow
+
+    rgb, mask = torch.rand(3, 60, 80), torch.zeros(1, 60, 80)
+    mask[:, 10:18, 30:38] = 1  # its keep-lit margin reaches rows 20-32: a tile row that holds no mask pixel
+    _TileMean.calls = 0
+    full = remove_shadow(_remover(_TileMean()), rgb, mask, tile=24, keep_lit=False)  # 3 x 4 tiles
+    assert _TileMean.calls == 12
+    _TileMean.calls = 0
+    kept = remove_shadow(_remover(_TileMean()), rgb, mask, tile=24)
+    assert _TileMean.calls < 12  # tiles far from the mask did not run
+    assert torch.allclose(kept, keep_lit_region(rgb, full, mask), atol=1e-6)  # and nothing that is kept changed
+
+
+@pytest.mark.parametrize("tile", [1024, 24])
+def test_a_model_returning_its_input_leaves_the_input_untouched(tile: int):
+    from evcli.methods.deshadow.baselines import Identity
+    from evcli.methods.deshadow.infer import remove_shadow
+
+    rgb, mask = torch.rand(3, 50, 70), torch.zeros(1, 50, 70)
+    mask[:, 10:30, 20:40] = 1
+    before = rgb.clone()
+    for keep_lit in (True, False):
+        out = remove_shadow(_remover(Identity()), rgb, mask, tile=tile, keep_lit=keep_lit)
+        assert torch.allclose(out, before, atol=1e-6) and torch.equal(rgb, before)
+
+
 def test_lsa_stride_keeps_the_training_downsampling_up_to_the_cap():
     from evcli.methods.deshadow.labnet import LocalSpatialAttention
 

@@ -169,5 +169,12 @@ def verify_image(path: Path) -> str | None:
 
 def save_png(t: Any, path: Path) -> None:
     """Write a tensor [C, H, W] in [0, 1] (C = 1 or 3) as an 8-bit PNG."""
-    arr = (t.detach().float().cpu().clamp(0, 1) * 255.0 + 0.5).byte().permute(1, 2, 0).numpy()
+    import numpy as np
+
+    t = t.detach().cpu()
+    arr = np.empty((t.shape[1], t.shape[2], t.shape[0]), np.uint8)
+    rows = max(1, (1 << 22) // max(1, t.shape[0] * t.shape[2]))  # bands of ~4M values: no full-size copies
+    for y in range(0, t.shape[1], rows):
+        band = t[:, y : y + rows].float().clamp(0, 1).mul_(255.0).add_(0.5)
+        arr[y : y + rows] = band.byte().permute(1, 2, 0).numpy()
     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(path)

@@ -110,7 +110,8 @@ def ber_iou(sums: torch.Tensor) -> dict[str, float]:
 
 @dataclass
 class Detection:
-    """A detected mask [1, H, W] (0/1), its probability map, and what a user should be told about it."""
+    """A detected mask [1, H, W] (0/1), the probability map at the detector's working size, and what a user
+    should be told about it."""
 
     mask: torch.Tensor
     prob: torch.Tensor
@@ -143,15 +144,16 @@ def detect_shadow(
     if f < 1.0:
         size = (max(1, round(h * f)), max(1, round(w * f)))
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    prob = torch.sigmoid(detector(x).float())
-    if prob.shape[-2:] != (h, w):
-        prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
-    prob = prob[0].clamp(0, 1)
-    mask = (prob > threshold).float()
-    if bool(mask.any()):  # speckles are not cast shadows: drop regions under 0.2 % of the image
+    prob = torch.sigmoid(detector(x).float())[0].clamp_(0, 1)  # [1, h', w'] at the working size
+    full = prob
+    if full.shape[-2:] != (h, w):
+        full = F.interpolate(prob[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    uncertain = float(((full > 0.25) & (full < 0.75)).count_nonzero()) / (h * w)
+    keep = (full > threshold).numpy()  # bool [1, H, W]
+    del full  # a photo's full-size maps are large: one at a time
+    if keep.any():  # speckles are not cast shadows: drop regions under 0.2 % of the image
         from evcli.methods.deshadow.baselines import _drop_small_regions
 
-        keep = _drop_small_regions(mask[0].numpy() > 0.5, max(4, int(0.002 * h * w)))
-        mask = torch.from_numpy(keep.astype("float32"))[None]
-    uncertain = float(((prob > 0.25) & (prob < 0.75)).float().mean())
+        keep = _drop_small_regions(keep[0], max(4, int(0.002 * h * w)))[None]
+    mask = torch.from_numpy(keep).float()
     return Detection(mask, prob, float(mask.mean()), uncertain)
