@@ -75,6 +75,7 @@ def main() -> int:
     if missing:
         print(f"error: photos not found under {args.photo_dir}: {', '.join(missing)} (see INSTALL.md)", file=sys.stderr)
         return 2
+    load_before = list(os.getloadavg())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.photos:
@@ -97,7 +98,8 @@ def main() -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "load_average_before": list(os.getloadavg()),
+            "load_average_before": load_before,
+            "load_average_after": list(os.getloadavg()),
         },
         "cases": rows,
     }
