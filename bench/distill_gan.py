@@ -138,11 +138,9 @@ def sepia_reference(out: Path, img_size: int) -> dict:
     so each generator's output on the held-out A images is compared with that function applied to them, a
     reference no run ever saw (B's photos are other scenes). The input itself is the do-nothing baseline.
     Writes a picture (rows: held-out images; columns: input | reference | teacher | alone | l1 | crd)."""
-    import numpy as np
-    from PIL import Image
-
     from evcli import api
     from evcli.data.gan import builtin_unpaired, sepia
+    from evcli.io.images import save_png
     from evcli.metrics.image import psnr, ssim
 
     val = builtin_unpaired(img_size, img_size, 0, 1).val
@@ -162,7 +160,7 @@ def sepia_reference(out: Path, img_size: int) -> dict:
         columns.append(y)
     grid = torch.cat([torch.cat(list(col), 1) for col in columns], 2)  # [3, n*H, 6*W]
     picture = out / "heldout_input_reference_teacher_alone_l1_crd.png"
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(picture)
+    save_png(grid, picture)
     return {
         "reference": "evcli.data.gan.sepia of each held-out A image (the function that made the B domain)",
         "images": len(a),

@@ -212,7 +212,7 @@ class _TileMean(nn.Module):
 
 
 def test_keep_lit_skips_only_tiles_whose_output_is_discarded():
-    from evcli.methods.deshadow.infer import keep_lit_region, remove_shadow
+    from evcli.methods.deshadow.infer import keep_lit_weight, remove_shadow
 
     rgb, mask = torch.rand(3, 60, 80), torch.zeros(1, 60, 80)
     mask[:, 10:18, 30:38] = 1  # its keep-lit margin reaches rows 20-32: a tile row that holds no mask pixel
@@ -222,7 +222,8 @@ def test_keep_lit_skips_only_tiles_whose_output_is_discarded():
     _TileMean.calls = 0
     kept = remove_shadow(_remover(_TileMean()), rgb, mask, tile=24)
     assert _TileMean.calls < 12  # tiles far from the mask did not run
-    assert torch.allclose(kept, keep_lit_region(rgb, full, mask), atol=1e-6)  # and nothing that is kept changed
+    w = keep_lit_weight(mask)
+    assert torch.allclose(kept, w * full + (1 - w) * rgb, atol=1e-6)  # and nothing that is kept changed
 
 
 @pytest.mark.parametrize("tile", [1024, 24])

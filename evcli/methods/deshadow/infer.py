@@ -191,19 +191,6 @@ def keep_lit_weight(mask: torch.Tensor, margin: int = KEEP_LIT_MARGIN, feather: 
     return weight[0]
 
 
-def keep_lit_region(
-    rgb: torch.Tensor,
-    result: torch.Tensor,
-    mask: torch.Tensor,
-    margin: int = KEEP_LIT_MARGIN,
-    feather: int = KEEP_LIT_FEATHER,
-) -> torch.Tensor:
-    """``w * result + (1 - w) * rgb`` with w = :func:`keep_lit_weight`: lit pixels away from the shadow keep
-    their input values exactly."""
-    weight = keep_lit_weight(mask, margin, feather)
-    return (result - rgb).mul_(weight).add_(rgb)
-
-
 MIN_SIDE = 32  # smaller images are padded (replicated edges) to this: SADC's VGG16 pools 4 times
 
 
