@@ -16,9 +16,10 @@ crops, never trained on, no checkpoint selection: the final weights of every run
    the teacher's frozen discriminator);
 3. PSNR / SSIM of each student's output against the teacher's on the held-out images (`evcli distill-gan eval`
    with the teacher), and of the teacher against itself as a check (inf / 1);
-4. CycleGAN task: does the teacher translate? The built-in B domain is made by a known function (sepia), so
-   every generator's held-out output is also scored against that function applied to its input, next to the
-   input itself (no translation); a picture of all of them is written to ``--out``.
+4. does the teacher translate? The built-in B domain is made by a known function (CycleGAN: sepia; Pix2Pix:
+   the pencil sketch), so every generator's held-out output is also scored against that function applied to
+   its input, next to do-nothing baselines (CycleGAN: the input itself; Pix2Pix: a white page and the input's
+   grey image); a picture of all of them is written to ``--out``.
 
     python bench/distill_gan.py [--img-size 32] [--teacher-steps 400] [--student-steps 300] [--out DIR] [--threads 1]
 """
@@ -128,30 +129,37 @@ def quality_section(args: argparse.Namespace) -> dict:
     teacher_recipe = _recipe([*common, "distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}"])
     teacher_eval = api.evaluate(teacher_recipe, out / "teacher" / "checkpoints" / "last.safetensors")["metrics"]
     result = {"runs": runs, "teacher_on_heldout": teacher_eval, "student_vs_teacher_on_heldout": scores}
-    if args.task == "cyclegan":
-        result["vs_sepia_reference_on_heldout"] = sepia_reference(out, args.img_size)
+    key = "vs_sepia_reference_on_heldout" if args.task == "cyclegan" else "vs_sketch_reference_on_heldout"
+    result[key] = reference_scores(out, args.task, args.img_size)
     return result
 
 
-def sepia_reference(out: Path, img_size: int) -> dict:
-    """Does the teacher translate? The built-in B domain is made by a known function (evcli.data.gan.sepia),
-    so each generator's output on the held-out A images is compared with that function applied to them, a
-    reference no run ever saw (B's photos are other scenes). The input itself is the do-nothing baseline.
-    Writes a picture (rows: held-out images; columns: input | reference | teacher | alone | l1 | crd)."""
+def reference_scores(out: Path, task: str, img_size: int) -> dict:
+    """Does the teacher translate? The built-in B domain is made by a known function (CycleGAN:
+    evcli.data.gan.sepia, on other photos than A's; Pix2Pix: evcli.data.gan.pencil_sketch of the photo), so each
+    generator's output on the held-out A images is compared with that function applied to them, next to
+    do-nothing baselines. Writes a picture (rows: held-out images; columns: input | reference | teacher |
+    alone | l1 | crd)."""
     from evcli import api
-    from evcli.data.gan import builtin_unpaired, sepia
+    from evcli.data.gan import builtin_paired, builtin_unpaired, pencil_sketch, sepia
     from evcli.io.images import save_png
     from evcli.metrics.image import psnr, ssim
 
-    val = builtin_unpaired(img_size, img_size, 0, 1).val
+    build, function = (builtin_unpaired, sepia) if task == "cyclegan" else (builtin_paired, pencil_sketch)
+    val = build(img_size, img_size, 0, 1).val
     a = torch.stack([val[(0, i)]["A"] for i in range(len(val))])
     unit = (a + 1) / 2
-    target = torch.stack([sepia(x) for x in unit])
+    target = torch.stack([function(x) for x in unit])
 
     def score(y: torch.Tensor) -> dict:
         return {"psnr": round(float(psnr(y, target).mean()), 3), "ssim": round(float(ssim(y, target).mean()), 4)}
 
-    rows, columns = {"input (no translation)": score(unit)}, [unit, target]
+    if task == "cyclegan":
+        rows = {"input (no translation)": score(unit)}
+    else:
+        grey = (0.299 * unit[:, 0] + 0.587 * unit[:, 1] + 0.114 * unit[:, 2])[:, None].expand_as(unit)
+        rows = {"white page": score(torch.ones_like(unit)), "the input's grey image": score(grey)}
+    columns = [unit, target]
     for name in ("teacher", "alone", "l1", "crd"):
         loaded = api.load(out / name / "final.safetensors")
         with torch.no_grad():
@@ -162,7 +170,7 @@ def sepia_reference(out: Path, img_size: int) -> dict:
     picture = out / "heldout_input_reference_teacher_alone_l1_crd.png"
     save_png(grid, picture)
     return {
-        "reference": "evcli.data.gan.sepia of each held-out A image (the function that made the B domain)",
+        "reference": f"evcli.data.gan.{function.__name__} of each held-out A image (the function that made B)",
         "images": len(a),
         "scores": rows,
         "picture": str(picture),
@@ -199,7 +207,7 @@ def main() -> None:
             "task": (
                 "CycleGAN photo2sepia (built-in), AtoB"
                 if args.task == "cyclegan"
-                else "Pix2Pix edges2photo (built-in), AtoB"
+                else "Pix2Pix photo2sketch (built-in), AtoB"
             )
             + "; val = held-out coffee / grace_hopper crops",
             "img_size": args.img_size,

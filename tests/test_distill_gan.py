@@ -20,9 +20,12 @@ from evcli.data.gan import (
     UNPAIRED_TRAIN_B,
     UNPAIRED_VAL_A,
     UNPAIRED_VAL_B,
+    PairedDataset,
+    Prep,
     builtin_paired,
     builtin_unpaired,
     cyclegan_folders,
+    pencil_sketch,
     pix2pix_folders,
 )
 from evcli.errors import DataError
@@ -39,7 +42,7 @@ from evcli.methods.distill_gan.losses import (
     rows,
     triplet_angles,
 )
-from evcli.methods.distill_gan.method import online_phase, teacher_epoch_decay, teacher_steps_done
+from evcli.methods.distill_gan.method import make_generator, online_phase, teacher_epoch_decay, teacher_steps_done
 from evcli.methods.distill_gan.networks import NLayerDiscriminator, ResnetGenerator, describe_generator
 
 
@@ -254,13 +257,59 @@ def test_builtin_unpaired_domains_are_disjoint_and_val_is_held_out():
     assert len(data.val) == 10
 
 
-def test_builtin_paired_is_edges_to_photo():
+def test_builtin_paired_is_photo_to_sketch_on_multiscale_tiles():
     data = builtin_paired(16, 18, seed=0, samples=4)
     s = data.val[(0, 0)]
-    edges = (s["A"] + 1) / 2
-    assert set(torch.unique(edges).tolist()) <= {0.0, 1.0} and torch.equal(edges[0], edges[2])
-    assert float(edges.mean()) > 0.5  # black lines on white
+    photo, sketch = (s["A"] + 1) / 2, (s["B"] + 1) / 2
+    assert not torch.equal(photo[0], photo[2])  # a colour photo
+    assert torch.allclose(sketch, pencil_sketch(photo), atol=1e-6)
+    assert torch.equal(sketch[0], sketch[2]) and float(sketch.mean()) > 0.6  # grey lines on white
     assert len(data.val) == 10 and len(data.train) == 4
+    # every package photo at 18, 36 and 72 px cut into 18 px tiles: 1 + 4 + 16 tiles each
+    assert len(data.train.items) == 21 * len(PAIRED_TRAIN)
+    assert torch.equal(data.train[(3, 1)]["B"], data.train[(3, 1)]["B"])
+
+
+def test_paired_epochs_shorter_than_the_set_draw_from_all_of_it():
+    items = [torch.full((6, 18, 18), k / 100) for k in range(20)]  # pair k is the constant k / 100
+    short = PairedDataset(items, Prep(16, 18, True), seed=0, length=4)
+    drawn = {round(float(short[(e, i)]["A"][0, 0, 0] + 1) / 2 * 100) for e in range(10) for i in range(4)}
+    assert len(drawn) > 10 and drawn <= set(range(20))
+    assert torch.equal(short[(2, 3)]["A"], short[(2, 3)]["A"])  # the same draw on every call (resume)
+    full = PairedDataset(items, Prep(16, 18, True), seed=0)  # a folder: sample i is pair i
+    assert [round(float(full[(0, i)]["A"][0, 0, 0] + 1) / 2 * 100) for i in range(20)] == list(range(20))
+
+
+def test_pencil_sketch_by_hand():
+    flat = torch.full((3, 12, 12), 0.3)
+    assert torch.allclose(pencil_sketch(flat), torch.ones(3, 12, 12))  # flat areas of any tone are white
+    step = torch.full((3, 8, 24), 0.8)
+    step[:, :, :12] = 0.2  # dark left half, bright right half
+    out = pencil_sketch(step, sigma=1.0)[0, 4]
+    # a dark line on the dark side of the edge; white far from it and on the bright side
+    assert float(out[11]) < 0.6 and float(out[10]) < float(out[8])
+    assert torch.allclose(out[:7], torch.ones(7)) and torch.allclose(out[12:], torch.ones(12))
+    # by hand at the pixel next to the edge: grey 0.2 over 1 - blur(negative), the blur weights of a
+    # sigma-1 Gaussian of radius 3 put mass w = sum(k[t], t >= 1) on the bright side (negative 0.2)
+    k = torch.exp(-(torch.arange(-3, 4.0) ** 2) / 2)
+    k = k / k.sum()
+    w = float(k[4:].sum())
+    assert float(out[11]) == pytest.approx(0.2 / (1 - ((1 - w) * 0.8 + w * 0.2)), abs=1e-5)
+    # a darker exposure of the same scene gives the same sketch
+    photo = torch.rand(3, 16, 16) * 0.8 + 0.1
+    assert torch.allclose(pencil_sketch(0.5 * photo), pencil_sketch(photo), atol=1e-5)
+
+
+def test_generators_cannot_see_global_brightness():
+    """The CycleGAN generators normalise every channel after the first convolution, so their output is the
+    same for a x + b (a > 0): why the built-in paired target is a sketch (exposure-free), not a tone curve."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    for arch in ("mobile_resnet", "resnet"):
+        g = make_generator(arch, 8, 2).eval()
+        with torch.no_grad():
+            assert torch.allclose(g(x), g(0.5 * x + 0.2), atol=1e-2)
+            assert not torch.allclose(g(x), g(x * torch.tensor([1.0, 0.7, 0.5]).view(1, 3, 1, 1)), atol=1e-2)
 
 
 def _img(path: Path, w: int, h: int) -> Path:

@@ -106,7 +106,7 @@ def test_online_pix2pix_updates_teacher_and_student_every_step(tmp_path: Path):
     train = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in train if m["split"] == "train"]
     assert all({"d", "g_recon", "s_rows", "s_style"} <= set(m) and "s_adv" not in m for m in train)
-    assert "edges2photo" in report["data"]
+    assert "photo2sketch" in report["data"]
 
 
 def test_online_l1_baseline_phases_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -16,9 +16,18 @@ Built-in data (real photos from scikit-image, scikit-learn and matplotlib, no do
 * unpaired ``photo2sepia``: domain A = colour photos (astronaut, rocket, china.jpg, coffee held out for
   val, grace_hopper.jpg held out for val); domain B = *other* photos (chelsea, cat, flower.jpg; val:
   immunohistochemistry) turned into warm sepia prints (a fixed tone curve). The two domains share no photo.
-* paired ``edges2photo``: A = the photo's edge map (Canny on the grey image, black lines on white, as in
-  edges2shoes), B = the photo; train on astronaut, rocket, china, chelsea, cat, flower; val on coffee and
-  grace_hopper (held out).
+* paired ``photo2sketch``: A = a photo, B = its pencil sketch (the classic colour dodge of the grey image
+  by its blurred negative: dark lines on white where the photo has edges and texture). A local, deterministic
+  mapping a Pix2Pix teacher can learn from a few photos and apply to photos it never saw (an edges-to-photo
+  task cannot be learnt from a handful of photos). Train tiles: 15 package photos (PAIRED_TRAIN), each at up
+  to three scales (the square photo resized to 1, 2 and 4 x ``load_size``, never above its own size) cut
+  into ``load_size`` tiles, the sketch made per tile; val: coffee and grace_hopper (held out), full view and
+  four quadrants each.
+
+The generators (instance norm after their first convolution, as in CycleGAN) cannot see an image's global
+brightness and contrast (their output is the same for ``a * x + b``, ``a > 0``), so the built-in targets
+that depend on absolute tone (sepia) can only be approximated; a pencil sketch divides the image by its
+own blur and hardly depends on exposure.
 """
 
 from __future__ import annotations
@@ -40,7 +49,23 @@ UNPAIRED_TRAIN_A = ("astronaut", "rocket", "china")
 UNPAIRED_TRAIN_B = ("chelsea", "cat", "flower")
 UNPAIRED_VAL_A = ("coffee", "grace_hopper")
 UNPAIRED_VAL_B = ("immunohistochemistry",)
-PAIRED_TRAIN = ("astronaut", "rocket", "china", "chelsea", "cat", "flower")
+PAIRED_TRAIN = (
+    "astronaut",
+    "rocket",
+    "china",
+    "chelsea",
+    "cat",
+    "flower",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
+    "coins",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "clock",
+)
 PAIRED_VAL = ("coffee", "grace_hopper")
 BUILTIN_UNPAIRED = (
     "built-in unpaired photo2sepia: A = colour photos (scikit-image astronaut, rocket; scikit-learn china.jpg), "
@@ -48,9 +73,12 @@ BUILTIN_UNPAIRED = (
     "grace_hopper.jpg (held out)"
 )
 BUILTIN_PAIRED = (
-    "built-in paired edges2photo: A = Canny edge map of a photo, B = the photo (scikit-image astronaut, rocket, "
-    "chelsea, cat; scikit-learn china.jpg, flower.jpg); val on coffee and grace_hopper.jpg (held out)"
+    "built-in paired photo2sketch: A = a photo, B = its pencil sketch (colour dodge of the grey image by its "
+    "blurred negative); 15 package photos (scikit-image astronaut, rocket, chelsea, cat, hubble_deep_field, "
+    "immunohistochemistry, camera, coins, brick, grass, gravel, moon, clock; scikit-learn china.jpg, flower.jpg) "
+    "cut into tiles at up to 3 scales; val on coffee and grace_hopper.jpg (held out)"
 )
+SKETCH_SIGMA = 2.0  # pixels of the tile the sketch is made on
 
 
 def builtin_photo(name: str) -> np.ndarray:
@@ -83,13 +111,29 @@ def sepia(rgb: torch.Tensor) -> torch.Tensor:
     return (y[None] * tint + torch.tensor([0.05, 0.03, 0.0]).reshape(3, 1, 1)).clamp(0, 1)
 
 
-def edge_map(rgb: torch.Tensor) -> torch.Tensor:
-    """Black Canny edges (sigma 2) on white of RGB [3, H, W] in [0, 1], as 3 channels."""
-    from skimage.feature import canny
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] (radius 3 sigma; reflect padding, replicate on images narrower
+    than the radius)."""
+    radius = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=img.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c, h, w = img.shape
+    x = img[None]
+    x = F.pad(x, (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return x[0]
 
-    grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]).numpy()
-    edges = canny(grey, sigma=2.0)
-    return torch.from_numpy(1.0 - edges.astype(np.float32))[None].expand(3, -1, -1).contiguous()
+
+def pencil_sketch(rgb: torch.Tensor, sigma: float = SKETCH_SIGMA) -> torch.Tensor:
+    """Pencil sketch of RGB [3, H, W] in [0, 1] as 3 equal channels: the grey image divided by the inverse of
+    its blurred negative (colour dodge), so flat areas turn white and edges and texture leave dark lines."""
+    grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]
+    blurred_negative = _gaussian_blur(1.0 - grey, sigma)
+    sketch = (grey / (1.0 - blurred_negative).clamp_min(1e-3)).clamp(0, 1)
+    return sketch.expand(3, -1, -1).contiguous()
 
 
 def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -195,7 +239,10 @@ class PairedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, i = key
         with seeded_rng(mix_seed(self.seed, epoch, i, 0x6B)):
-            stack = _crop_flip(self._pair(i % len(self.items)), self.prep.img_size, self.prep.train)
+            # an epoch of another length than the set (built-in tiles): each sample draws its pair at random
+            random_pair = self.prep.train and self.length != len(self.items)
+            j = int(torch.randint(0, len(self.items), ())) if random_pair else i % len(self.items)
+            stack = _crop_flip(self._pair(j), self.prep.img_size, self.prep.train)
         a, b = (stack[3:], stack[:3]) if self.b_to_a else (stack[:3], stack[3:])
         return {"A": a * 2 - 1, "B": b * 2 - 1}
 
@@ -210,13 +257,29 @@ class GanData:
     num_classes: int = 0
 
 
-def _photo(name: str, size: int) -> torch.Tensor:
-    """A built-in photo, centre-cropped to a square, resized to ``size`` (the crops come from this image)."""
+def _square(name: str) -> torch.Tensor:
+    """A built-in photo, centre-cropped to a square, in [0, 1]."""
     img = _to_unit(builtin_photo(name))
     h, w = img.shape[-2:]
     s = min(h, w)
-    img = img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-    return _resize(img, size)
+    return img[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+
+
+def _photo(name: str, size: int) -> torch.Tensor:
+    """A built-in photo, centre-cropped to a square, resized to ``size`` (the crops come from this image)."""
+    return _resize(_square(name), size)
+
+
+def _tiles(name: str, tile: int) -> list[torch.Tensor]:
+    """A built-in photo at 1, 2 and 4 x ``tile`` (never above its own size, always at least once), each scale
+    cut into non-overlapping ``tile`` x ``tile`` tiles: whole-scene views and close-ups."""
+    square = _square(name)
+    sizes = [tile * m for m in (1, 2, 4) if m == 1 or tile * m <= square.shape[-1]]
+    out = []
+    for size in sizes:
+        view = _resize(square, size)
+        out += [view[:, y : y + tile, x : x + tile] for y in range(0, size, tile) for x in range(0, size, tile)]
+    return out
 
 
 def builtin_unpaired(img_size: int, load_size: int, seed: int, samples: int) -> GanData:
@@ -239,13 +302,13 @@ def builtin_unpaired(img_size: int, load_size: int, seed: int, samples: int) -> 
 
 
 def builtin_paired(img_size: int, load_size: int, seed: int, samples: int) -> GanData:
-    """The built-in edges2photo set (see the module docstring)."""
+    """The built-in photo2sketch set (see the module docstring)."""
     tr, va = Prep(img_size, load_size, True), Prep(img_size, load_size, False)
 
     def pair(photo: torch.Tensor) -> torch.Tensor:
-        return torch.cat([edge_map(photo), photo])
+        return torch.cat([photo, pencil_sketch(photo)])
 
-    train = [pair(_photo(n, load_size)) for n in PAIRED_TRAIN]
+    train = [pair(t) for n in PAIRED_TRAIN for t in _tiles(n, load_size)]
     val = []
     for n in PAIRED_VAL:
         full = _photo(n, 2 * img_size)
@@ -255,7 +318,7 @@ def builtin_paired(img_size: int, load_size: int, seed: int, samples: int) -> Ga
     return GanData(
         PairedDataset(train, tr, seed, length=samples),
         PairedDataset(val, va, seed),
-        f"{BUILTIN_PAIRED}: {samples} train crops/epoch at {img_size} px, {len(val)} val pairs",
+        f"{BUILTIN_PAIRED}: {len(train)} train tiles, {samples} crops/epoch at {img_size} px, {len(val)} val pairs",
     )
 
 
