@@ -6,7 +6,7 @@ the exact count), for the original CycleGAN ResNet-9 generator (ngf 64), CRD's m
 the mobile student (ngf 16), compared with the paper's 56.8 G / 11.38 M and 1.41 G / 0.137 M.
 
 Quality: all through evcli.api with the CLI's recipes (the code path `evcli distill-gan teacher|student`
-runs), CycleGAN task on the built-in photo2sepia data (train photos only; val = coffee and grace_hopper
+runs), CycleGAN task on the built-in photo2sketch data (train photos only; val = coffee and grace_hopper
 crops, never trained on, no checkpoint selection: the final weights of every run are scored):
 
 1. teacher: mobile ResNet-9, width ``--teacher-width``, ``--teacher-steps`` steps;
@@ -16,10 +16,10 @@ crops, never trained on, no checkpoint selection: the final weights of every run
    the teacher's frozen discriminator);
 3. PSNR / SSIM of each student's output against the teacher's on the held-out images (`evcli distill-gan eval`
    with the teacher), and of the teacher against itself as a check (inf / 1);
-4. does the teacher translate? The built-in B domain is made by a known function (CycleGAN: sepia; Pix2Pix:
-   the pencil sketch), so every generator's held-out output is also scored against that function applied to
-   its input, next to do-nothing baselines (CycleGAN: the input itself; Pix2Pix: a white page and the input's
-   grey image); a picture of all of them is written to ``--out``.
+4. does the teacher translate? The built-in B domain is made by a known function (the pencil sketch;
+   CycleGAN: of other photos than A's), so every generator's held-out output is also scored against that
+   function applied to its input, next to do-nothing baselines (a white page, the input's grey image); a
+   picture of all of them is written to ``--out``.
 
     python bench/distill_gan.py [--img-size 32] [--teacher-steps 400] [--student-steps 300] [--out DIR] [--threads 1]
 """
@@ -129,36 +129,30 @@ def quality_section(args: argparse.Namespace) -> dict:
     teacher_recipe = _recipe([*common, "distill-gan.stage=teacher", f"distill-gan.teacher_width={args.teacher_width}"])
     teacher_eval = api.evaluate(teacher_recipe, out / "teacher" / "checkpoints" / "last.safetensors")["metrics"]
     result = {"runs": runs, "teacher_on_heldout": teacher_eval, "student_vs_teacher_on_heldout": scores}
-    key = "vs_sepia_reference_on_heldout" if args.task == "cyclegan" else "vs_sketch_reference_on_heldout"
-    result[key] = reference_scores(out, args.task, args.img_size)
+    result["vs_sketch_reference_on_heldout"] = reference_scores(out, args.task, args.img_size)
     return result
 
 
 def reference_scores(out: Path, task: str, img_size: int) -> dict:
-    """Does the teacher translate? The built-in B domain is made by a known function (CycleGAN:
-    evcli.data.gan.sepia, on other photos than A's; Pix2Pix: evcli.data.gan.pencil_sketch of the photo), so each
-    generator's output on the held-out A images is compared with that function applied to them, next to
-    do-nothing baselines. Writes a picture (rows: held-out images; columns: input | reference | teacher |
-    alone | l1 | crd)."""
+    """Does the teacher translate? The built-in B domain is made by a known function
+    (evcli.data.gan.pencil_sketch; CycleGAN: of other photos than A's), so each generator's output on the
+    held-out A images is compared with that function applied to them, next to do-nothing baselines. Writes a
+    picture (rows: held-out images; columns: input | reference | teacher | alone | l1 | crd)."""
     from evcli import api
-    from evcli.data.gan import builtin_paired, builtin_unpaired, pencil_sketch, sepia
+    from evcli.data.gan import builtin_paired, builtin_unpaired, pencil_sketch
     from evcli.io.images import save_png
     from evcli.metrics.image import psnr, ssim
 
-    build, function = (builtin_unpaired, sepia) if task == "cyclegan" else (builtin_paired, pencil_sketch)
-    val = build(img_size, img_size, 0, 1).val
+    val = (builtin_unpaired if task == "cyclegan" else builtin_paired)(img_size, img_size, 0, 1).val
     a = torch.stack([val[(0, i)]["A"] for i in range(len(val))])
     unit = (a + 1) / 2
-    target = torch.stack([function(x) for x in unit])
+    target = torch.stack([pencil_sketch(x) for x in unit])
 
     def score(y: torch.Tensor) -> dict:
         return {"psnr": round(float(psnr(y, target).mean()), 3), "ssim": round(float(ssim(y, target).mean()), 4)}
 
-    if task == "cyclegan":
-        rows = {"input (no translation)": score(unit)}
-    else:
-        grey = (0.299 * unit[:, 0] + 0.587 * unit[:, 1] + 0.114 * unit[:, 2])[:, None].expand_as(unit)
-        rows = {"white page": score(torch.ones_like(unit)), "the input's grey image": score(grey)}
+    grey = (0.299 * unit[:, 0] + 0.587 * unit[:, 1] + 0.114 * unit[:, 2])[:, None].expand_as(unit)
+    rows = {"white page": score(torch.ones_like(unit)), "the input's grey image": score(grey)}
     columns = [unit, target]
     for name in ("teacher", "alone", "l1", "crd"):
         loaded = api.load(out / name / "final.safetensors")
@@ -170,7 +164,7 @@ def reference_scores(out: Path, task: str, img_size: int) -> dict:
     picture = out / "heldout_input_reference_teacher_alone_l1_crd.png"
     save_png(grid, picture)
     return {
-        "reference": f"evcli.data.gan.{function.__name__} of each held-out A image (the function that made B)",
+        "reference": "evcli.data.gan.pencil_sketch of each held-out A image (the function that made B)",
         "images": len(a),
         "scores": rows,
         "picture": str(picture),
@@ -205,7 +199,7 @@ def main() -> None:
     if not args.skip_quality:
         result["quality"] = {
             "task": (
-                "CycleGAN photo2sepia (built-in), AtoB"
+                "CycleGAN photo2sketch (built-in), AtoB"
                 if args.task == "cyclegan"
                 else "Pix2Pix photo2sketch (built-in), AtoB"
             )

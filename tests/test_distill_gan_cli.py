@@ -47,7 +47,7 @@ def test_teacher_run_trains_two_generators_and_two_discriminators(runs: dict[str
     assert set(report["optimizers"]) == {"G", "D"} and "psnr_cycle" in report["metrics"]
     exported = load_file(str(runs["teacher"] / "final.safetensors"))
     assert "model.1.weight" in exported and exported["model.1.weight"].shape == (8, 3, 7, 7)  # G_A only
-    assert "photo2sepia" in report["data"]
+    assert "photo2sketch" in report["data"]
     # the cycle PSNR needs G_B: measured from the checkpoint, not from the exported G_A alone
     r = run_cli(["distill-gan", "eval", str(runs["teacher"] / "checkpoints" / "last.safetensors"), "--json"])
     assert r.code == 0 and json.loads(r.stdout)["metrics"]["psnr_cycle"] == pytest.approx(

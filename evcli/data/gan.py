@@ -13,9 +13,9 @@ resized to ``img_size`` x ``img_size`` with no crop or flip.
 
 Built-in data (real photos from scikit-image, scikit-learn and matplotlib, no download):
 
-* unpaired ``photo2sepia``: domain A = colour photos (astronaut, rocket, china.jpg, coffee held out for
-  val, grace_hopper.jpg held out for val); domain B = *other* photos (chelsea, cat, flower.jpg; val:
-  immunohistochemistry) turned into warm sepia prints (a fixed tone curve). The two domains share no photo.
+* unpaired ``photo2sketch``: domain A = photos (UNPAIRED_TRAIN_A; coffee and grace_hopper.jpg held out for
+  val); domain B = pencil sketches of *other* photos (UNPAIRED_TRAIN_B; val: immunohistochemistry). The two
+  domains share no photo. Both are cut into tiles at up to three scales (below).
 * paired ``photo2sketch``: A = a photo, B = its pencil sketch (the classic colour dodge of the grey image
   by its blurred negative: dark lines on white where the photo has edges and texture). A local, deterministic
   mapping a Pix2Pix teacher can learn from a few photos and apply to photos it never saw (an edges-to-photo
@@ -45,8 +45,8 @@ from evcli.data.loading import mix_seed, seeded_rng
 from evcli.errors import DataError
 from evcli.io.images import is_image_file, load_rgb
 
-UNPAIRED_TRAIN_A = ("astronaut", "rocket", "china")
-UNPAIRED_TRAIN_B = ("chelsea", "cat", "flower")
+UNPAIRED_TRAIN_A = ("astronaut", "rocket", "china", "flower", "hubble_deep_field", "coins", "gravel")
+UNPAIRED_TRAIN_B = ("chelsea", "cat", "camera", "brick", "grass", "moon", "clock")
 UNPAIRED_VAL_A = ("coffee", "grace_hopper")
 UNPAIRED_VAL_B = ("immunohistochemistry",)
 PAIRED_TRAIN = (
@@ -68,8 +68,9 @@ PAIRED_TRAIN = (
 )
 PAIRED_VAL = ("coffee", "grace_hopper")
 BUILTIN_UNPAIRED = (
-    "built-in unpaired photo2sepia: A = colour photos (scikit-image astronaut, rocket; scikit-learn china.jpg), "
-    "B = other photos (chelsea, cat, flower.jpg) as warm sepia prints; val A = coffee and matplotlib's "
+    "built-in unpaired photo2sketch: A = photos (scikit-image astronaut, rocket, hubble_deep_field, coins, gravel; "
+    "scikit-learn china.jpg, flower.jpg), B = pencil sketches of other photos (scikit-image chelsea, cat, camera, "
+    "brick, grass, moon, clock), both cut into tiles at up to 3 scales; val A = coffee and matplotlib's "
     "grace_hopper.jpg (held out)"
 )
 BUILTIN_PAIRED = (
@@ -199,7 +200,11 @@ class UnpairedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, i = key
         with seeded_rng(mix_seed(self.seed, epoch, i, 0x6A)):
-            a = _crop_flip(self._image("A", i % len(self.a)), self.prep.img_size, self.prep.train)
+            # an epoch shorter than A (built-in tiles): each sample draws its A image at random, so every
+            # tile is seen; otherwise A is walked in order (the CycleGAN code's unaligned dataset)
+            random_a = self.prep.train and self.length < len(self.a)
+            ia = int(torch.randint(0, len(self.a), ())) if random_a else i % len(self.a)
+            a = _crop_flip(self._image("A", ia), self.prep.img_size, self.prep.train)
             j = int(torch.randint(0, len(self.b), ())) if self.prep.train else i % len(self.b)
             b = _crop_flip(self._image("B", j), self.prep.img_size, self.prep.train)
         return {"A": a * 2 - 1, "B": b * 2 - 1}
@@ -239,8 +244,8 @@ class PairedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, i = key
         with seeded_rng(mix_seed(self.seed, epoch, i, 0x6B)):
-            # an epoch of another length than the set (built-in tiles): each sample draws its pair at random
-            random_pair = self.prep.train and self.length != len(self.items)
+            # an epoch shorter than the set (built-in tiles): each sample draws its pair at random
+            random_pair = self.prep.train and self.length < len(self.items)
             j = int(torch.randint(0, len(self.items), ())) if random_pair else i % len(self.items)
             stack = _crop_flip(self._pair(j), self.prep.img_size, self.prep.train)
         a, b = (stack[3:], stack[:3]) if self.b_to_a else (stack[:3], stack[3:])
@@ -283,11 +288,11 @@ def _tiles(name: str, tile: int) -> list[torch.Tensor]:
 
 
 def builtin_unpaired(img_size: int, load_size: int, seed: int, samples: int) -> GanData:
-    """The built-in photo2sepia set (see the module docstring)."""
+    """The built-in unpaired photo2sketch set (see the module docstring)."""
     tr, va = Prep(img_size, load_size, True), Prep(img_size, load_size, False)
-    ta = [_photo(n, load_size) for n in UNPAIRED_TRAIN_A]
-    tb = [sepia(_photo(n, load_size)) for n in UNPAIRED_TRAIN_B]
-    vb = [sepia(_photo(n, img_size)) for n in UNPAIRED_VAL_B]
+    ta = [t for n in UNPAIRED_TRAIN_A for t in _tiles(n, load_size)]
+    tb = [pencil_sketch(t) for n in UNPAIRED_TRAIN_B for t in _tiles(n, load_size)]
+    vb = [pencil_sketch(_photo(n, img_size)) for n in UNPAIRED_VAL_B]
     # val A: each held-out photo at full view and its four quadrants (10 images)
     va_a = []
     for n in UNPAIRED_VAL_A:
@@ -297,7 +302,8 @@ def builtin_unpaired(img_size: int, load_size: int, seed: int, samples: int) -> 
     return GanData(
         UnpairedDataset(ta, tb, tr, seed, length=samples),
         UnpairedDataset(va_a, vb, va, seed),
-        f"{BUILTIN_UNPAIRED}: {samples} train crops/epoch at {img_size} px, {len(va_a)} val images",
+        f"{BUILTIN_UNPAIRED}: {len(ta)} / {len(tb)} train tiles, {samples} crops/epoch at {img_size} px, "
+        f"{len(va_a)} val images",
     )
 
 
