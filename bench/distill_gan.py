@@ -86,6 +86,17 @@ def quality_section(args: argparse.Namespace) -> dict:
     runs: dict[str, dict] = {}
 
     def train(name: str, sets: list[str]) -> dict:
+        if name in args.reuse:
+            # a finished run of an earlier invocation with the same settings (its folder under --out)
+            report = json.loads((out / name / "report.json").read_text())
+            runs[name] = {
+                "seconds": report.get("train_seconds_this_session"),
+                "steps": report["steps"],
+                "recipe_sets": [*common, *sets],
+                "trained_parameters": report["trained_modules"],
+                "reused": f"{out / name} (trained by an earlier invocation; not retrained)",
+            }
+            return report
         t0 = time.perf_counter()
         rec = _recipe([*common, *sets, f"out.dir={out / name}"])
         report = api.train(rec)
@@ -182,6 +193,13 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/evcli-bench-distill-gan")
     p.add_argument("--result", default=str(ROOT / "results" / "distill_gan.json"))
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        choices=("teacher", "alone", "l1", "crd"),
+        help="runs to take from --out as an earlier invocation with the same settings left them (not retrained)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: far faster on a contended machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -139,6 +139,25 @@ def test_angles_equal_the_direct_definition():
     assert a[0, 1, 2] == pytest.approx(0.0) and a[0, 1, 1] == pytest.approx(1.0) and a[0, 0, 1] == 0
 
 
+def test_angles_and_rkd_stay_exact_on_near_equal_float32_slices():
+    """Rows of a mostly white output: vectors of large norm that differ by 1e-3 or not at all. The Gram-matrix
+    angles must still match the direct definition (float32 gave cosines of 1e20 and losses of 1e17 here)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(24, 192)
+    x[::3] -= 1e-3 * torch.rand(8, 192, generator=g)
+    x[5] -= 0.5 * torch.rand(192, generator=g)
+    x[7, :40] = -1.0
+    x64 = x.double()
+    e = F.normalize(x64[None] - x64[:, None], p=2, dim=2)
+    direct = torch.bmm(e, e.transpose(1, 2)).reshape(-1)
+    angles = triplet_angles(x)
+    assert angles.dtype == torch.float32 and torch.allclose(angles.double(), direct, atol=1e-6)
+    d = pairwise_distances(x)
+    assert d.dtype == torch.float32 and torch.allclose(d.double(), torch.cdist(x64, x64), atol=1e-6)
+    student = x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert float(rkd_loss(student, x)) < 1.0
+
+
 def test_distance_matrix_and_normalisation():
     x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     d = pairwise_distances(x)

@@ -34,9 +34,9 @@ distances and angles (RKD), plus VGG16 style/feature terms and, for CycleGAN, th
 distillation) and plain output L1 to the teacher (`student --student-loss l1`).
 
 Built-in data (no --data): real photos shipped in scikit-image, scikit-learn and matplotlib. CycleGAN task:
-photo2sepia, A = colour photos (astronaut, rocket, china.jpg), B = other photos (chelsea, cat, flower.jpg)
-turned into sepia prints; Pix2Pix task: photo2sketch, A = a photo, B = its pencil sketch (15 photos cut into
-tiles at up to three scales). coffee and grace_hopper.jpg are held out for evaluation. With --data: the CycleGAN layout (trainA, trainB, testA,
+photo2sketch, A = photos, B = pencil sketches of 7 other photos; Pix2Pix task: photo2sketch, A = a photo,
+B = its pencil sketch (15 photos). All cut into tiles at up to three scales; coffee and grace_hopper.jpg are
+held out for evaluation. With --data: the CycleGAN layout (trainA, trainB, testA,
 testB) or the Pix2Pix aligned layout (train/, val/ of side-by-side AB images).
 
 VGG16 (style/feature terms): torchvision's ImageNet weights from its local cache or --vgg-weights FILE;
