@@ -25,9 +25,9 @@ Built-in data (real photos from scikit-image, scikit-learn and matplotlib, no do
   four quadrants each.
 
 The generators (instance norm after their first convolution, as in CycleGAN) cannot see an image's global
-brightness and contrast (their output is the same for ``a * x + b``, ``a > 0``), so the built-in targets
-that depend on absolute tone (sepia) can only be approximated; a pencil sketch divides the image by its
-own blur and hardly depends on exposure.
+brightness and contrast (their output is the same for ``a * x + b``, ``a > 0``), so a built-in target that
+depends on absolute tone (the earlier sepia prints) can only be approximated; a pencil sketch divides the
+image by its own blur and hardly depends on exposure.
 """
 
 from __future__ import annotations
@@ -102,14 +102,6 @@ def builtin_photo(name: str) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-
-
-def sepia(rgb: torch.Tensor) -> torch.Tensor:
-    """A warm sepia print of RGB [3, H, W] in [0, 1]: luminance through a fixed tone curve, brown-tinted."""
-    y = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    y = y.clamp(0, 1) ** 0.9
-    tint = torch.tensor([1.07, 0.87, 0.62]).reshape(3, 1, 1)
-    return (y[None] * tint + torch.tensor([0.05, 0.03, 0.0]).reshape(3, 1, 1)).clamp(0, 1)
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:

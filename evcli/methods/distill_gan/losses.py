@@ -27,8 +27,9 @@ EPS = 1e-12
 def _centred_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gram matrix of the samples in float64 after subtracting their mean, and its diagonal. Distances and
     angles do not change; the rounding error of ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>`` does: slices of a mostly
-    white image are vectors of large norm that differ little, which float32 cannot resolve."""
-    x = x.double()
+    white image are vectors of large norm that differ little, which float32 cannot resolve. (Apple's MPS has no
+    float64: there it stays float32, centred.)"""
+    x = x.to(torch.float32 if x.device.type == "mps" else torch.float64)
     x = x - x.mean(0, keepdim=True)
     g = x @ x.t()
     return g, g.diagonal()
