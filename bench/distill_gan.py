@@ -150,7 +150,7 @@ def reference_scores(out: Path, task: str, img_size: int) -> dict:
     held-out A images is compared with that function applied to them, next to do-nothing baselines. Writes a
     picture (rows: held-out images; columns: input | reference | teacher | alone | l1 | crd)."""
     from evcli import api
-    from evcli.data.gan import builtin_paired, builtin_unpaired, pencil_sketch
+    from evcli.data.gan import builtin_paired, builtin_unpaired, luminance, pencil_sketch
     from evcli.io.images import save_png
     from evcli.metrics.image import psnr, ssim
 
@@ -162,7 +162,7 @@ def reference_scores(out: Path, task: str, img_size: int) -> dict:
     def score(y: torch.Tensor) -> dict:
         return {"psnr": round(float(psnr(y, target).mean()), 3), "ssim": round(float(ssim(y, target).mean()), 4)}
 
-    grey = (0.299 * unit[:, 0] + 0.587 * unit[:, 1] + 0.114 * unit[:, 2])[:, None].expand_as(unit)
+    grey = luminance(unit)[:, None].expand_as(unit)
     rows = {"white page": score(torch.ones_like(unit)), "the input's grey image": score(grey)}
     columns = [unit, target]
     for name in ("teacher", "alone", "l1", "crd"):

@@ -120,10 +120,15 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0]
 
 
+def luminance(rgb: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma of RGB [..., 3, H, W] as [..., H, W]."""
+    return 0.299 * rgb[..., 0, :, :] + 0.587 * rgb[..., 1, :, :] + 0.114 * rgb[..., 2, :, :]
+
+
 def pencil_sketch(rgb: torch.Tensor, sigma: float = SKETCH_SIGMA) -> torch.Tensor:
     """Pencil sketch of RGB [3, H, W] in [0, 1] as 3 equal channels: the grey image divided by the inverse of
     its blurred negative (colour dodge), so flat areas turn white and edges and texture leave dark lines."""
-    grey = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[None]
+    grey = luminance(rgb)[None]
     blurred_negative = _gaussian_blur(1.0 - grey, sigma)
     sketch = (grey / (1.0 - blurred_negative).clamp_min(1e-3)).clamp(0, 1)
     return sketch.expand(3, -1, -1).contiguous()

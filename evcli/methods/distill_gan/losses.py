@@ -24,24 +24,37 @@ from torch import nn
 EPS = 1e-12
 
 
-def _centred_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gram matrix of the samples in float64 after subtracting their mean, and its diagonal. Distances and
-    angles do not change; the rounding error of ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>`` does: slices of a mostly
-    white image are vectors of large norm that differ little, which float32 cannot resolve. (Apple's MPS has no
-    float64: there it stays float32, centred.)"""
+def _centred_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gram matrix of the samples in float64 after subtracting their mean, its diagonal and the squared
+    distances ``|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>``. Distances and angles do not change with the centring; the
+    rounding error does: slices of a mostly white image are vectors of large norm that differ little, which
+    float32 cannot resolve. (Apple's MPS has no float64: there it stays float32, centred.)"""
     x = x.to(torch.float32 if x.device.type == "mps" else torch.float64)
     x = x - x.mean(0, keepdim=True)
     g = x @ x.t()
-    return g, g.diagonal()
+    diag = g.diagonal()
+    return g, diag, diag[:, None] + diag[None, :] - 2.0 * g
+
+
+def _distances(d2: torch.Tensor) -> torch.Tensor:
+    off = 1.0 - torch.eye(len(d2), device=d2.device, dtype=d2.dtype)
+    return d2.clamp(min=EPS).sqrt() * off
+
+
+def _angles(g: torch.Tensor, diag: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    # dot[i, j, k] = <x_j - x_i, x_k - x_i>
+    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]
+    tol = 1000 * torch.finfo(g.dtype).eps * (diag[:, None] + diag[None, :]) + EPS
+    off = ~torch.eye(len(g), dtype=torch.bool, device=g.device)
+    distinct = off & (d2 > tol)  # e_ii and e_ij of equal samples are zero vectors: their cosines are 0
+    inv = torch.where(distinct, d2.clamp(min=EPS).rsqrt(), torch.zeros_like(d2))
+    return (dot * inv[:, :, None] * inv[:, None, :]).clamp(-1.0, 1.0).reshape(-1)
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """Euclidean distance matrix [N, N] of samples x [N, D] (squared distances clamped at 1e-12 before the
     root, diagonal exactly 0)."""
-    g, sq = _centred_gram(x)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * g).clamp(min=EPS)
-    d = d2.sqrt() * (1.0 - torch.eye(len(x), device=x.device, dtype=d2.dtype))
-    return d.to(x.dtype)
+    return _distances(_centred_gram(x)[2]).to(x.dtype)
 
 
 def triplet_angles(x: torch.Tensor) -> torch.Tensor:
@@ -51,32 +64,27 @@ def triplet_angles(x: torch.Tensor) -> torch.Tensor:
     their squared norms) count as equal: their unit vector is zero, as ``F.normalize`` gives for an exact zero
     difference; without this a rounding residue over a near-zero norm gave "cosines" of 1e20 on flat image
     regions. Cosines are clamped to [-1, 1]."""
-    g, diag = _centred_gram(x)
-    # dot[i, j, k] = <x_j - x_i, x_k - x_i>
-    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + diag[:, None, None]
-    d2 = diag[:, None] + diag[None, :] - 2.0 * g  # |x_j - x_i|^2
-    tol = 1000 * torch.finfo(g.dtype).eps * (diag[:, None] + diag[None, :]) + EPS
-    off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
-    distinct = off & (d2 > tol)  # e_ii and e_ij of equal samples are zero vectors: their cosines are 0
-    inv = torch.where(distinct, d2.clamp(min=EPS).rsqrt(), torch.zeros_like(d2))
-    return (dot * inv[:, :, None] * inv[:, None, :]).clamp(-1.0, 1.0).reshape(-1).to(x.dtype)
+    return _angles(*_centred_gram(x)).to(x.dtype)
+
+
+def _normalised_distances(d: torch.Tensor) -> torch.Tensor:
+    """Distances divided by the mean of the positive ones (left as they are when there is none)."""
+    positive = d[d > 0]
+    return d / (positive.mean() if positive.numel() else d.new_tensor(1.0)).clamp(min=EPS)
 
 
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, w_dist: float = 1.0, w_angle: float = 2.0) -> torch.Tensor:
     """Relational KD between two sets of samples [N, ...] (flattened to vectors); the teacher side carries no
-    gradient."""
+    gradient. Each side's Gram matrix is computed once for both terms."""
     s = student.reshape(len(student), -1)
-    t = teacher.reshape(len(teacher), -1).detach()
     with torch.no_grad():
-        t_d = pairwise_distances(t)
-        t_d = t_d / t_d[t_d > 0].mean().clamp(min=EPS)
-        t_a = triplet_angles(t)
-    s_d = pairwise_distances(s)
-    positive = s_d[s_d > 0]
-    s_d = s_d / (positive.mean() if positive.numel() else s_d.new_tensor(1.0)).clamp(min=EPS)
-    loss = w_dist * F.smooth_l1_loss(s_d, t_d)
+        t_gram = _centred_gram(teacher.reshape(len(teacher), -1))
+        t_d = _normalised_distances(_distances(t_gram[2]))
+        t_a = _angles(*t_gram) if w_angle else None
+    s_gram = _centred_gram(s)
+    loss = w_dist * F.smooth_l1_loss(_normalised_distances(_distances(s_gram[2])).to(s.dtype), t_d.to(s.dtype))
     if w_angle:
-        loss = loss + w_angle * F.smooth_l1_loss(triplet_angles(s), t_a)
+        loss = loss + w_angle * F.smooth_l1_loss(_angles(*s_gram).to(s.dtype), t_a.to(s.dtype))
     return loss
 
 
