@@ -27,11 +27,11 @@ from evcli.errors import UsageError
 
 HELP = """Compress a CycleGAN / Pix2Pix generator into a small student by content relationship distillation.
 
-Method: CRD (arXiv 2212.11091). The student (a mobile ResNet-9 generator, width 16) learns from the teacher's
-output images only: row strips, column strips and 32x32 patches of both outputs are matched by relational
-distances and angles (RKD), plus VGG16 style/feature terms and, for CycleGAN, the teacher's discriminator
-(frozen) as adversary. Baselines in the same tool: the student alone (`teacher --teacher-width 16`, no
-distillation) and plain output L1 to the teacher (`student --student-loss l1`).
+Method: CRD (arXiv 2212.11091). The student (a mobile ResNet-9 generator, width 16, or with --student-arch unet
+the Pix2Pix U-Net) learns from the teacher's output images only: row strips, column strips and 32x32 patches of
+both outputs are matched by relational distances and angles (RKD), plus VGG16 style/feature terms and, for
+CycleGAN, the teacher's discriminator (frozen) as adversary. Baselines in the same tool: the student alone
+(`teacher --teacher-width 16`, no distillation) and plain output L1 to the teacher (`student --student-loss l1`).
 
 Built-in data (no --data): real photos shipped in scikit-image, scikit-learn and matplotlib. CycleGAN task:
 photo2sketch, A = photos, B = pencil sketches of 7 other photos; Pix2Pix task: photo2sketch, A = a photo,
@@ -62,6 +62,8 @@ Examples:
 app = typer.Typer(help=HELP, no_args_is_help=True)
 
 TASKS = ("cyclegan", "pix2pix")
+TEACHER_ARCHS = ("mobile_resnet", "resnet", "unet")
+STUDENT_ARCHS = ("mobile_resnet", "unet")
 
 
 def _choice(value: str | None, choices: tuple[str, ...], name: str) -> None:
@@ -94,7 +96,11 @@ COMMON = [
     Flag(
         "teacher_arch",
         str,
-        flag("--teacher-arch", help="mobile_resnet (CRD's teacher) or resnet (the original CycleGAN generator)."),
+        flag(
+            "--teacher-arch",
+            help="mobile_resnet (CRD's teacher), resnet (the original CycleGAN generator) or unet (the Pix2Pix U-Net, "
+            "Pix2Pix task; depth: distill-gan.unet_depth, default the deepest <= 8 the image size allows).",
+        ),
         "distill-gan.teacher_arch",
     ),
     Flag(
@@ -134,6 +140,12 @@ STUDENT_FLAGS = [
         "distill-gan.student_width",
     ),
     Flag(
+        "student_arch",
+        str,
+        flag("--student-arch", help="mobile_resnet (CRD's student) or unet (the Pix2Pix U-Net)."),
+        "distill-gan.student_arch",
+    ),
+    Flag(
         "student_loss",
         str,
         flag("--student-loss", help="crd (the method) or l1 (baseline: plain L1 to the teacher's output)."),
@@ -156,7 +168,8 @@ STUDENT_FLAGS = [
 
 def _check(typed: dict[str, Any]) -> None:
     _choice(typed.get("task"), TASKS, "--task")
-    _choice(typed.get("teacher_arch"), ("mobile_resnet", "resnet"), "--teacher-arch")
+    _choice(typed.get("teacher_arch"), TEACHER_ARCHS, "--teacher-arch")
+    _choice(typed.get("student_arch"), STUDENT_ARCHS, "--student-arch")
     _choice(typed.get("student_loss"), ("crd", "l1"), "--student-loss")
     _choice(typed.get("vgg"), ("auto", "pretrained", "random"), "--vgg")
     for key, name in (("student_width", "--student-width"), ("teacher_width", "--teacher-width")):
@@ -317,37 +330,63 @@ def cost_cmd(
     recipe: str = RecipeOption,
     teacher_width: int = typer.Option(None, "--teacher-width", help="Teacher ngf (default 64).", show_default=False),
     teacher_arch: str = typer.Option(
-        None, "--teacher-arch", help="mobile_resnet or resnet (default: mobile_resnet).", show_default=False
+        None, "--teacher-arch", help="mobile_resnet, resnet or unet (default: mobile_resnet).", show_default=False
     ),
     student_width: int = typer.Option(None, "--student-width", help="Student ngf (default 16).", show_default=False),
+    student_arch: str = typer.Option(
+        None, "--student-arch", help="mobile_resnet or unet (default: mobile_resnet).", show_default=False
+    ),
     size: int = typer.Option(256, "--size", help="Input side in pixels."),
     sets: list[str] = SetOption,
     json_out: bool = JsonOption,
     quiet: bool = QuietOption,
 ) -> None:
-    """MACs and parameters of the teacher and student generators (counter and input size named)."""
+    """MACs and parameters of the teacher and student generators (counter and input size named). A U-Net's depth
+    is the recipe's (distill-gan.unet_depth, or the deepest <= 8 that data.img_size allows); --size must be
+    divisible by 2**depth."""
     setup_output(quiet)
-    _choice(teacher_arch, ("mobile_resnet", "resnet"), "--teacher-arch")
-    _check({"teacher_width": teacher_width, "student_width": student_width})
+    _check(
+        {
+            "teacher_arch": teacher_arch,
+            "student_arch": student_arch,
+            "teacher_width": teacher_width,
+            "student_width": student_width,
+        }
+    )
     if size <= 0 or size % 4:
         raise UsageError(f"--size must be a positive multiple of 4, got {size}")
     from evcli import api
     from evcli.methods.distill_gan.cost import count_cost
-    from evcli.methods.distill_gan.method import make_generator
+    from evcli.methods.distill_gan.method import recipe_generator
 
     flags = recipe_flags(
         {
             "distill-gan.teacher_width": teacher_width,
             "distill-gan.teacher_arch": teacher_arch,
             "distill-gan.student_width": student_width,
+            "distill-gan.student_arch": student_arch,
         }
     )
-    cfg = api.resolve("distill-gan", find_recipe(recipe), flags, sets or []).method
-    t = count_cost(make_generator(cfg.teacher_arch, cfg.teacher_width, cfg.n_blocks), size)
-    s = count_cost(make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks), size)
+    rec = api.resolve("distill-gan", find_recipe(recipe), flags, sets or [])
+    cfg, img_size = rec.method, rec.data.img_size
+    specs = {role: cfg.generator_spec(role, img_size) for role in ("teacher", "student")}
+    for role, (arch, _, depth) in specs.items():
+        if arch == "unet" and size % 2**depth:
+            raise UsageError(
+                f"--size {size} is not divisible by {2**depth}, the input multiple of the {role}'s U-Net "
+                f"(depth {depth})",
+                hint="pass a --size divisible by it, or set distill-gan.unet_depth (or data.img_size) lower",
+            )
+    t = count_cost(recipe_generator(cfg, "teacher", img_size), size)
+    s = count_cost(recipe_generator(cfg, "student", img_size), size)
+
+    def described(role: str) -> dict[str, Any]:
+        arch, width, depth = specs[role]
+        return {"arch": arch, "width": width, **({"depth": depth} if arch == "unet" else {})}
+
     report = {
-        "teacher": {"arch": cfg.teacher_arch, "width": cfg.teacher_width, **t},
-        "student": {"arch": "mobile_resnet", "width": cfg.student_width, **s},
+        "teacher": {**described("teacher"), **t},
+        "student": {**described("student"), **s},
         "macs_reduction": t["macs"] / s["macs"],
         "params_reduction": t["params"] / s["params"],
     }

@@ -40,6 +40,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def default_unet_depth(img_size: int, cap: int = 8) -> int:
+    """The deepest U-Net (at most ``cap`` downsamplings) whose input side ``img_size`` divides: 8 (unet_256) at
+    256 px and above, 7 at 128, 6 at 64, 5 at 32; 4 at 48 (= 3 x 16)."""
+    depth = 0
+    while depth < cap and img_size % 2 ** (depth + 1) == 0:
+        depth += 1
+    return depth
+
+
 @register_command(
     "distill-gan",
     implementation="evcli.methods.distill_gan.method:DistillGanMethod",
@@ -70,10 +79,14 @@ class DistillGanConfig:
     direction: Literal["AtoB", "BtoA"] = "AtoB"
     # --- networks
     teacher: str | None = None  # student stage: teacher run folder / checkpoint / weights; null: train it online
-    teacher_arch: Literal["mobile_resnet", "resnet"] = "mobile_resnet"  # resnet: the original CycleGAN generator
+    # resnet: the original CycleGAN generator; unet: the Pix2Pix U-Net with BatchNorm (Pix2Pix task only)
+    teacher_arch: Literal["mobile_resnet", "resnet", "unet"] = "mobile_resnet"
+    student_arch: Literal["mobile_resnet", "unet"] = "mobile_resnet"
     teacher_width: int = 64  # ngf of the teacher generator
-    student_width: int = 16  # ngf of the (mobile ResNet) student
-    n_blocks: int = 9
+    student_width: int = 16  # ngf of the student generator
+    n_blocks: int = 9  # residual blocks of the ResNet generators
+    unet_depth: int | None = None  # U-Net downsamplings (8: unet_256); null: the deepest <= 8 that img_size allows
+    unet_dropout: float = 0.0  # dropout of the U-Net's deep 8ngf decoder levels (CRD's release 0; Pix2Pix 0.5)
     ndf: int | None = None  # discriminator width (null: 64 CycleGAN, 128 Pix2Pix)
     gan_mode: Literal["lsgan", "hinge", "vanilla"] | None = None  # null: lsgan CycleGAN, hinge Pix2Pix
     # --- teacher losses
@@ -106,6 +119,8 @@ class DistillGanConfig:
         "teacher_width": ">= 1, <= 4096",
         "student_width": ">= 1, <= 4096",
         "n_blocks": ">= 1, <= 64",
+        "unet_depth": ">= 2, <= 8",
+        "unet_dropout": "[0, 1)",
         "ndf": ">= 1, <= 4096",
         "lambda_cycle": ">= 0",
         "lambda_identity": ">= 0",
@@ -129,6 +144,18 @@ class DistillGanConfig:
     def resolved_load_size(self, img_size: int) -> int:
         return self.load_size or max(img_size, round(img_size * 286 / 256))
 
+    def resolved_unet_depth(self, img_size: int) -> int:
+        """``unet_depth``, or the deepest U-Net (at most 8 downsamplings) whose input side ``img_size`` divides:
+        8 (unet_256) at 256 px, 6 at 64 px, 5 at 32 px."""
+        return default_unet_depth(img_size) if self.unet_depth is None else self.unet_depth
+
+    def generator_spec(self, role: Literal["teacher", "student"], img_size: int) -> tuple[str, int, int]:
+        """(architecture, width, residual blocks or U-Net depth) of the teacher or student generator: the triple
+        ``make_generator`` builds and ``describe_generator`` reads back from weights."""
+        arch = self.teacher_arch if role == "teacher" else self.student_arch
+        width = self.teacher_width if role == "teacher" else self.student_width
+        return arch, width, self.resolved_unet_depth(img_size) if arch == "unet" else self.n_blocks
+
     def uses_vgg(self) -> bool:
         return (
             self.stage == "student"
@@ -144,16 +171,34 @@ class DistillGanConfig:
             if value and not Path(value).expanduser().is_absolute():
                 # stored absolute: eval, export and resume from another directory find the same file
                 setattr(self, key, str(Path(value).expanduser().absolute()))
-        for key in ("student_width", "teacher_width"):
-            if getattr(self, key) % 4:
+        archs = {"teacher": self.teacher_arch, "student": self.student_arch}
+        for role, arch in archs.items():
+            key = f"{role}_width"
+            if arch != "unet" and getattr(self, key) % 4:  # the U-Net has no width rule
                 raise RecipeError(
                     f"recipe key 'distill-gan.{key}' must be a multiple of 4 (the generator halves 4 x width "
                     f"twice), got {getattr(self, key)}"
                 )
-        recipe.model.name = f"mobile_resnet_w{width}" if self.stage == "student" else f"{self.teacher_arch}_w{width}"
+        recipe.model.name = f"{archs[self.stage]}_w{width}"
         size = recipe.data.img_size
         if size % 4:
             raise RecipeError(f"recipe key 'data.img_size' must be a multiple of 4 for these generators, got {size}")
+        if "unet" in archs.values():
+            depth = self.resolved_unet_depth(size)
+            if size % 2**depth:
+                raise RecipeError(
+                    f"recipe key 'data.img_size' must be divisible by 2**distill-gan.unet_depth = {2**depth} for the "
+                    f"U-Net generator, got {size}",
+                    hint=f"set distill-gan.unet_depth={default_unet_depth(size)} or null (the deepest U-Net the "
+                    f"size allows), or a data.img_size divisible by {2**depth}",
+                )
+        if self.task == "cyclegan" and self.teacher_arch == "unet":
+            raise RecipeError(
+                "distill-gan.teacher_arch=unet is the card's Pix2Pix teacher: the CycleGAN teacher step runs G_A on "
+                "A and B as one batch, which the U-Net's BatchNorm would mix",
+                hint="set the pix2pix task (--task pix2pix or --set distill-gan.task=pix2pix), or a ResNet teacher "
+                "(a U-Net student is fine for CycleGAN)",
+            )
         if self.resolved_load_size(size) < size:
             raise RecipeError(f"recipe key 'distill-gan.load_size' must be >= data.img_size ({size})")
         if self.stage == "student" and self.student_loss == "crd":

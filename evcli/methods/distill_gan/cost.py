@@ -6,13 +6,16 @@ Two conventions, both counted in one forward pass:
   convolution, transposed ones included, costs ``output elements x weight.shape[1] x kh x kw`` where the
   weight's input side is ``in_channels / groups`` for a convolution and ``in_channels`` for a transposed
   convolution, i.e. a stride-2 transposed convolution is counted like a convolution producing its output
-  (4x its true cost). Norms, activations, padding and additions are not counted here (they are < 0.1 % of
-  the CycleGAN generator); torchprofile adds an instance norm's output size, which this counter does too.
+  (4x its true cost). As torchprofile 0.0.2 does, an instance norm and a LeakyReLU add their output size and a
+  batch norm nothing (torchprofile 0.0.3 and later count an affine norm's output, a BatchNorm's, and nothing for
+  the ResNet generators' non-affine instance norms). ReLU, Tanh, dropout, padding, concatenation and additions
+  cost nothing (they are < 0.1 % of these generators).
 * ``exact``: a convolution costs ``output elements x in/groups x kh x kw``; a transposed convolution costs
-  ``input elements x out/groups x kh x kw`` (each input pixel scatters one kernel). Norms not counted.
+  ``input elements x out/groups x kh x kw`` (each input pixel scatters one kernel). Norms and activations not
+  counted.
 
 With both, the original CycleGAN ResNet-9 generator (ngf 64) at 256x256 is 56.8 G (torchprofile) / 49.6 G
-(exact) and CRD's mobile student (ngf 16) 1.41 G / 0.955 G.
+(exact) and CRD's mobile student (ngf 16) 1.41 G / 0.955 G; the Pix2Pix unet_256 (ngf 64) 18.1 G / 6.05 G.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch import nn
 
 COUNTER = (
     "evcli forward-hook counter (evcli.methods.distill_gan.cost), torchprofile convention: conv and transposed "
-    "conv = output elements x weight in-channels x kh x kw, instance norm = output elements"
+    "conv = output elements x weight in-channels x kh x kw, instance norm and leaky ReLU = output elements, "
+    "batch norm = 0 (torchprofile 0.0.2)"
 )
 
 
@@ -44,7 +48,7 @@ def count_cost(model: nn.Module, size: int = 256, channels: int = 3) -> dict[str
         tp[0] += out.numel() * m.in_channels * k  # torchprofile: weight [in, out/g, kh, kw] read as [oc, ic, ...]
         exact[0] += args[0].numel() * (m.out_channels // m.groups) * k
 
-    def norm(m: nn.Module, args: Any, out: torch.Tensor) -> None:
+    def elementwise(m: nn.Module, args: Any, out: torch.Tensor) -> None:
         tp[0] += out.numel()
 
     handles = []
@@ -53,8 +57,8 @@ def count_cost(model: nn.Module, size: int = 256, channels: int = 3) -> dict[str
             handles.append(m.register_forward_hook(tconv))
         elif isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(conv))
-        elif isinstance(m, nn.InstanceNorm2d):
-            handles.append(m.register_forward_hook(norm))
+        elif isinstance(m, (nn.InstanceNorm2d, nn.LeakyReLU)):
+            handles.append(m.register_forward_hook(elementwise))
     was_training = model.training
     model.eval()
     try:

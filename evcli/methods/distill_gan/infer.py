@@ -63,10 +63,12 @@ def load_translator(source: str | Path, teacher: str | Path | None = None) -> Tr
 
 @torch.no_grad()
 def translate(generator: nn.Module, rgb: torch.Tensor) -> torch.Tensor:
-    """RGB [3, H, W] in [0, 1] through ``generator`` (reflect-padded to a multiple of 4, cropped back)."""
+    """RGB [3, H, W] in [0, 1] through ``generator`` (reflect-padded to the multiple of its input size it needs: 4
+    for the ResNet generators, 2**depth for a U-Net; cropped back)."""
     device = next(generator.parameters()).device
     h, w = rgb.shape[-2:]
-    ph, pw = (-h) % 4, (-w) % 4
+    multiple = getattr(generator, "size_multiple", 4)
+    ph, pw = (-h) % multiple, (-w) % multiple
     x = rgb[None].to(device) * 2 - 1
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")

@@ -30,10 +30,19 @@ from evcli.errors import CheckpointError
 from evcli.recipe import Recipe
 
 
-def make_generator(arch: str, width: int, n_blocks: int) -> nn.Module:
-    from evcli.methods.distill_gan.networks import ResnetGenerator
+def make_generator(arch: str, width: int, n_blocks: int, dropout: float = 0.0) -> nn.Module:
+    """A generator from its (architecture, width, residual blocks or U-Net depth) triple (``describe_generator``'s);
+    ``dropout`` applies to the U-Net's deep decoder levels only."""
+    from evcli.methods.distill_gan.networks import ResnetGenerator, UnetGenerator
 
+    if arch == "unet":
+        return UnetGenerator(width, n_blocks, dropout=dropout)
     return ResnetGenerator(width, arch, n_blocks)
+
+
+def recipe_generator(cfg: Any, role: str, img_size: int) -> nn.Module:
+    """The recipe's teacher or student generator (a U-Net's depth follows ``img_size`` unless set)."""
+    return make_generator(*cfg.generator_spec(role, img_size), dropout=cfg.unet_dropout)
 
 
 def make_discriminator(task: str, ndf: int) -> nn.Module:
@@ -60,9 +69,10 @@ def teacher_file(source: str | Path) -> Path:
     return p
 
 
-def load_teacher(source: str | Path, cfg: Any, need_d: bool) -> tuple[nn.Module, nn.Module | None, str]:
+def load_teacher(source: str | Path, cfg: Any, need_d: bool, img_size: int) -> tuple[nn.Module, nn.Module | None, str]:
     """The teacher's G_A (and D_A when ``need_d``) from a teacher run, checkpoint or weights file, checked
-    against the recipe's teacher architecture and width (a mismatch is named)."""
+    against the recipe's teacher architecture, width and blocks / U-Net depth at ``img_size`` (a mismatch is
+    named)."""
     from evcli.io.checkpoint import load_model_weights, read_safetensors
     from evcli.methods.distill_gan.networks import describe_generator
 
@@ -80,20 +90,27 @@ def load_teacher(source: str | Path, cfg: Any, need_d: bool) -> tuple[nn.Module,
         g_state, d_state = dict(tensors), {}
     found = describe_generator(g_state)
     if found is None:
-        raise CheckpointError(f"{path} holds no generator weights (no 3->width 7x7 first convolution)")
+        raise CheckpointError(f"{path} holds no generator weights (no 3->width 7x7 or U-Net 4x4 first convolution)")
     arch, width, blocks = found
-    wanted = (cfg.teacher_arch, cfg.teacher_width, cfg.n_blocks)
+    wanted = cfg.generator_spec("teacher", img_size)
     if (arch, width, blocks) != wanted:
-        names = {"mobile_resnet": "mobile ResNet", "resnet": "ResNet"}
+        names = {"mobile_resnet": "mobile ResNet", "resnet": "ResNet", "unet": "U-Net"}
+
+        def size(a: str, n: int) -> str:
+            return f"depth {n}" if a == "unet" else f"{n} blocks"
+
+        hint = f"set --teacher-width {width} (and distill-gan.teacher_arch={arch}) to use it"
+        if arch == "unet":
+            hint = f"set --teacher-width {width}, --teacher-arch unet and distill-gan.unet_depth={blocks} to use it"
         raise CheckpointError(
-            f"{path} holds a {names[arch]} generator of width {width} with {blocks} blocks; this recipe's teacher is a "
-            f"{names[wanted[0]]} of width {wanted[1]} with {wanted[2]} blocks",
-            hint=f"set --teacher-width {width} (and distill-gan.teacher_arch={arch}) to use it",
+            f"{path} holds a {names[arch]} generator of width {width} with {size(arch, blocks)}; this recipe's teacher "
+            f"is a {names[wanted[0]]} of width {wanted[1]} with {size(wanted[0], wanted[2])}",
+            hint=hint,
         )
     saved_task = saved.get("distill-gan", {}).get("task")
     if saved_task and saved_task != cfg.task:
         raise CheckpointError(f"{path} is a {saved_task} teacher; this recipe's task is {cfg.task}")
-    g = make_generator(arch, width, blocks)
+    g = make_generator(arch, width, blocks, cfg.unet_dropout)
     load_model_weights(g, g_state, f"{path} (teacher G_A)")
     d = None
     if need_d:
@@ -158,13 +175,13 @@ class DistillGanMethod(Method):
         return build_gan_data(self.recipe)
 
     def _teacher_modules(self) -> dict[str, nn.Module]:
-        cfg = self.cfg
+        cfg, size = self.cfg, self.recipe.data.img_size
         mods = {
-            "G_A": make_generator(cfg.teacher_arch, cfg.teacher_width, cfg.n_blocks),
+            "G_A": recipe_generator(cfg, "teacher", size),
             "D_A": make_discriminator(cfg.task, cfg.resolved("ndf")),
         }
         if cfg.task == "cyclegan":
-            mods["G_B"] = make_generator(cfg.teacher_arch, cfg.teacher_width, cfg.n_blocks)
+            mods["G_B"] = recipe_generator(cfg, "teacher", size)
             mods["D_B"] = make_discriminator(cfg.task, cfg.resolved("ndf"))
         return {k: mods[k] for k in ("G_A", "G_B", "D_A", "D_B") if k in mods}
 
@@ -176,7 +193,8 @@ class DistillGanMethod(Method):
             self.pools = {"A": ImagePool(cfg.pool_size), "B": ImagePool(cfg.pool_size)}
             self.teacher_ready = ctx.training  # G_B is trained too (plain exported weights hold G_A only)
             return dict(self._teacher_modules())
-        modules: dict[str, nn.Module | Frozen] = {"S": make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks)}
+        size = self.recipe.data.img_size
+        modules: dict[str, nn.Module | Frozen] = {"S": recipe_generator(cfg, "student", size)}
         if self.online:
             self.pools = {"A": ImagePool(cfg.pool_size), "B": ImagePool(cfg.pool_size)}
             modules.update(self._teacher_modules())
@@ -190,7 +208,8 @@ class DistillGanMethod(Method):
 
                 warn(f"teacher {source} not found here: no student-vs-teacher metrics")
             else:
-                g, d, path = load_teacher(source, cfg, need_d)
+                # a frozen module runs in eval mode: a U-Net teacher's BatchNorm uses its running statistics
+                g, d, path = load_teacher(source, cfg, need_d, size)
                 modules["G_A"] = Frozen(g.requires_grad_(False), f"teacher generator from {path}")
                 if d is not None:
                     modules["D_A"] = Frozen(d.requires_grad_(False), f"teacher discriminator from {path} (frozen)")
@@ -427,11 +446,11 @@ class DistillGanMethod(Method):
         """MACs and parameters of the teacher and student generators at 256x256 (counter named)."""
         from evcli.methods.distill_gan.cost import count_cost
 
-        cfg = self.cfg
-        teacher = count_cost(make_generator(cfg.teacher_arch, cfg.teacher_width, cfg.n_blocks))
+        cfg, size = self.cfg, self.recipe.data.img_size  # a U-Net's depth (<= 8) divides 256
+        teacher = count_cost(recipe_generator(cfg, "teacher", size))
         out = {"teacher": teacher}
         if cfg.stage == "student":
-            out["student"] = count_cost(make_generator("mobile_resnet", cfg.student_width, cfg.n_blocks))
+            out["student"] = count_cost(recipe_generator(cfg, "student", size))
             out["macs_reduction"] = teacher["macs"] / out["student"]["macs"]
             out["params_reduction"] = teacher["params"] / out["student"]["params"]
         return out
@@ -446,16 +465,25 @@ class DistillGanMethod(Method):
         folder.mkdir(parents=True, exist_ok=True)
         data = next(iter(ctx.engine.val_sets().values()))
         files = {"pictures": str(folder)}
-        for i in range(min(4, len(data))):
-            a = data[(0, i)]["A"][None].to(ctx.device)
-            row = [a]
-            if "G_A" in modules and (self.teacher_ready or self.cfg.stage == "teacher"):
-                row.append(modules["G_A"](a))
-            if "S" in modules:
-                row.append(modules["S"](a))
-            gap = torch.ones_like(a[..., :4])
-            parts = [x for r in row for x in (r.float(), gap)][:-1]
-            save_png(((torch.cat(parts, dim=3)[0] + 1) / 2).cpu(), folder / f"val_{i}_input_teacher_student.png")
+        # as evaluated and exported: a U-Net's BatchNorm with its running statistics, no dropout
+        generators = [modules[n] for n in ("G_A", "S") if n in modules]
+        modes = [g.training for g in generators]
+        for g in generators:
+            g.eval()
+        try:
+            for i in range(min(4, len(data))):
+                a = data[(0, i)]["A"][None].to(ctx.device)
+                row = [a]
+                if "G_A" in modules and (self.teacher_ready or self.cfg.stage == "teacher"):
+                    row.append(modules["G_A"](a))
+                if "S" in modules:
+                    row.append(modules["S"](a))
+                gap = torch.ones_like(a[..., :4])
+                parts = [x for r in row for x in (r.float(), gap)][:-1]
+                save_png(((torch.cat(parts, dim=3)[0] + 1) / 2).cpu(), folder / f"val_{i}_input_teacher_student.png")
+        finally:
+            for g, mode in zip(generators, modes):
+                g.train(mode)
         if self.online:
             meta = {**ctx.engine.checkpoint_meta(), "role": "teacher G_A trained online"}
             path = Path(out_dir) / "teacher.safetensors"

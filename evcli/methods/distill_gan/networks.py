@@ -1,8 +1,10 @@
 """Generators and discriminators of ``evcli distill-gan``: the mobile ResNet-9 generator (CRD's teacher and
-student at any width), the standard CycleGAN ResNet-9 generator, and the 70x70 PatchGAN discriminator.
+student at any width), the standard CycleGAN ResNet-9 generator, the Pix2Pix U-Net generator (the card's other
+Pix2Pix teacher / student), and the 70x70 PatchGAN discriminator.
 
-All take and return images in [-1, 1]. InstanceNorm has no affine parameters and every convolution followed
-by it keeps its bias (the CycleGAN code base's convention); weights start from N(0, 0.02).
+All take and return images in [-1, 1]. In the ResNet generators InstanceNorm has no affine parameters and every
+convolution followed by it keeps its bias (the CycleGAN code base's convention); the U-Net uses BatchNorm (the
+card's ``--norm batch``). Conv weights start from N(0, 0.02), BatchNorm scales from N(1, 0.02).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GENERATOR_ARCHS = ("mobile_resnet", "resnet")
+GENERATOR_ARCHS = ("mobile_resnet", "resnet", "unet")
+RESNET_ARCHS = ("mobile_resnet", "resnet")
 
 
 class SeparableConv2d(nn.Module):
@@ -55,9 +58,10 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, ngf: int = 64, arch: str = "mobile_resnet", n_blocks: int = 9, in_ch: int = 3, out_ch: int = 3):
         super().__init__()
-        if arch not in GENERATOR_ARCHS:
-            raise ValueError(f"unknown generator architecture {arch!r}")
+        if arch not in RESNET_ARCHS:
+            raise ValueError(f"unknown ResNet generator architecture {arch!r}")
         self.ngf, self.arch, self.n_blocks = ngf, arch, n_blocks
+        self.size_multiple = 4  # two stride-2 convolutions
         layers: list[nn.Module] = [
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_ch, ngf, 7, bias=True),
@@ -81,6 +85,78 @@ class ResnetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def unet_widths(ngf: int, num_downs: int) -> list[int]:
+    """Channels after each downsampling of the U-Net, outermost first: ngf, 2ngf, 4ngf, then 8ngf."""
+    return [ngf * min(2**i, 8) for i in range(num_downs)]
+
+
+class UnetGenerator(nn.Module):
+    """The Pix2Pix U-Net (Isola et al. 2017): ``num_downs`` stride-2 4x4 convolutions down (8 = unet_256 for
+    256 px, 7 = unet_128), 4x4 stride-2 transposed convolutions up, the encoder's output at every level
+    concatenated to the decoder's input at that level.
+
+    Level i (0 = outermost) has width ``unet_widths(ngf, num_downs)[i]``. Down: LeakyReLU 0.2, conv, BatchNorm;
+    the outermost level has no LeakyReLU and no norm (it sees the image), the innermost no norm (its output is
+    1x1 at the full depth). Up: ReLU, transposed conv to the width of the level above, BatchNorm; the outermost
+    ends in Tanh instead, and the 8ngf levels between level 4 and the innermost (``num_downs - 5`` of them) end
+    in ``Dropout(dropout)``. As in the Pix2Pix code with BatchNorm, no convolution has a bias except the last
+    transposed one (54,413,955 parameters for unet_256 at ngf 64).
+
+    Args:
+        ngf: width of the outermost level.
+        num_downs: downsamplings; inputs must have sides divisible by ``2**num_downs``.
+        in_ch: input channels.
+        out_ch: output channels.
+        dropout: dropout probability of the decoder's deep 8ngf levels (Pix2Pix trains with 0.5; the CRD / OMGD
+            release with 0).
+    """
+
+    def __init__(self, ngf: int = 64, num_downs: int = 8, in_ch: int = 3, out_ch: int = 3, dropout: float = 0.5):
+        super().__init__()
+        if num_downs < 2:
+            raise ValueError(f"the U-Net needs at least 2 downsamplings, got {num_downs}")
+        self.ngf, self.arch, self.num_downs, self.dropout = ngf, "unet", num_downs, dropout
+        self.size_multiple = 2**num_downs
+        widths = unet_widths(ngf, num_downs)
+        innermost = num_downs - 1
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for i, width in enumerate(widths):
+            # not in place: the encoder output it reads is also a skip connection
+            down: list[nn.Module] = [] if i == 0 else [nn.LeakyReLU(0.2)]
+            down.append(nn.Conv2d(in_ch if i == 0 else widths[i - 1], width, 4, stride=2, padding=1, bias=False))
+            if 0 < i < innermost:
+                down.append(nn.BatchNorm2d(width))
+            self.down.append(nn.Sequential(*down))
+            up_in = width if i == innermost else 2 * width  # below the innermost: the skip concatenated
+            up_out = out_ch if i == 0 else widths[i - 1]
+            up: list[nn.Module] = [
+                nn.ReLU(True),  # its input is a fresh tensor (a concatenation, or the innermost conv's output)
+                nn.ConvTranspose2d(up_in, up_out, 4, stride=2, padding=1, bias=i == 0),
+                nn.Tanh() if i == 0 else nn.BatchNorm2d(up_out),
+            ]
+            if dropout > 0 and 4 <= i < innermost:
+                up.append(nn.Dropout(dropout))
+            self.up.append(nn.Sequential(*up))
+        init_normal(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise ValueError(
+                f"the U-Net generator with {self.num_downs} downsamplings needs an input height and width "
+                f"divisible by {self.size_multiple}, got {h}x{w}"
+            )
+        skips = []
+        for down in self.down:
+            x = down(x)
+            skips.append(x)
+        y = self.up[-1](skips[-1])
+        for i in range(self.num_downs - 2, -1, -1):
+            y = self.up[i](torch.cat([skips[i], y], 1))
+        return y
 
 
 class NLayerDiscriminator(nn.Module):
@@ -109,17 +185,25 @@ class NLayerDiscriminator(nn.Module):
 
 @torch.no_grad()
 def init_normal(module: nn.Module, gain: float = 0.02) -> None:
-    """CycleGAN's ``init_type=normal``: conv / linear weights ~ N(0, gain), biases 0."""
+    """CycleGAN's ``init_type=normal``: conv / linear weights ~ N(0, gain), biases 0; BatchNorm scales
+    ~ N(1, gain), shifts 0."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
 
 
 def describe_generator(state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
-    """(architecture, width, residual blocks) of a generator state dict, read from its tensors; None when
-    the tensors are not a generator of this module."""
+    """(architecture, width, residual blocks or U-Net depth) of a generator state dict, read from its tensors;
+    None when the tensors are not a generator of this module. ``make_generator`` takes the same triple."""
+    first = state.get("down.0.0.weight")
+    if first is not None and first.ndim == 4 and tuple(first.shape[1:]) == (3, 4, 4):
+        depth = len({k.split(".")[1] for k in state if k.startswith("down.")})
+        return "unet", int(first.shape[0]), depth
     first = state.get("model.1.weight")
     if first is None or first.ndim != 4 or tuple(first.shape[1:]) != (3, 7, 7):
         return None
