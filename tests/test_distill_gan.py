@@ -46,15 +46,7 @@ from evcli.methods.distill_gan.losses import (
 from evcli.methods.distill_gan.method import make_generator, online_phase, teacher_epoch_decay, teacher_steps_done
 from evcli.methods.distill_gan.networks import NLayerDiscriminator, ResnetGenerator, describe_generator
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny networks are per-op overhead bound: one torch thread is as fast on a quiet machine and many
-    times faster on a shared one (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(m: torch.nn.Module) -> int:

@@ -20,14 +20,7 @@ TEACHER = ["distill-gan", "teacher", "-r", "distill-gan/tiny"]
 STUDENT = ["distill-gan", "student", "-r", "distill-gan/tiny"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny networks are per-op overhead bound: one torch thread is as fast on a quiet machine and many
-    times faster on a shared one (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ PIX2PIX = ["-r", "distill-gan/tiny_pix2pix"]  # 32 px, widths 8 / 4: U-Net depth
 UNET_TEACHER = ["--set", "distill-gan.teacher_arch=unet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks are per-op overhead bound: one torch thread (restored after the module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(m: torch.nn.Module) -> int:

@@ -20,13 +20,7 @@ from evcli.ops.points import (
     three_nn_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -26,13 +26,7 @@ from evcli.methods.pointcloud.model import (
 )
 from evcli.metrics.segmentation import confusion_matrix, confusion_summary
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seg(name: str, classes: int = 13) -> torch.nn.Module:

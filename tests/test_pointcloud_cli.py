@@ -18,12 +18,7 @@ TINY = ["pointcloud", "train", "--recipe", "pointcloud/tiny"]
 TINY_SEG = ["pointcloud", "train", "--recipe", "pointcloud/tiny_seg"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

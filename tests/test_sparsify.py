@@ -19,14 +19,7 @@ from evcli.ops.nm import is_nm, nm_mask
 from evcli.recipe import resolve_recipe
 from evcli.testing import imports_torch, make_image_folder, run_cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,7 @@ from evcli.ops.nm import (
     unpack_nm,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine run many times faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PATTERNS = [(2, 4, 6), (1, 4, 4), (4, 8, 70), (2, 8, 28), (1, 16, 16)]
 
