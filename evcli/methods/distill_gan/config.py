@@ -88,6 +88,8 @@ class DistillGanConfig:
     unet_depth: int | None = None  # U-Net downsamplings (8: unet_256); null: the deepest <= 8 that img_size allows
     unet_dropout: float = 0.0  # dropout of the U-Net's deep 8ngf decoder levels (CRD's release 0; Pix2Pix 0.5)
     ndf: int | None = None  # discriminator width (null: 64 CycleGAN, 128 Pix2Pix)
+    # PatchGAN norm; batch: the release's --norm batch (U-Net setting), D called on real and fake batches apart
+    disc_norm: Literal["instance", "batch"] = "instance"
     gan_mode: Literal["lsgan", "hinge", "vanilla"] | None = None  # null: lsgan CycleGAN, hinge Pix2Pix
     # --- teacher losses
     lambda_cycle: float = 10.0  # CycleGAN cycle-consistency L1 weight (each direction)

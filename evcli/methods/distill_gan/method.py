@@ -45,10 +45,30 @@ def recipe_generator(cfg: Any, role: str, img_size: int) -> nn.Module:
     return make_generator(*cfg.generator_spec(role, img_size), dropout=cfg.unet_dropout)
 
 
-def make_discriminator(task: str, ndf: int) -> nn.Module:
+def make_discriminator(task: str, ndf: int, norm: str = "instance") -> nn.Module:
     from evcli.methods.distill_gan.networks import NLayerDiscriminator
 
-    return NLayerDiscriminator(in_ch=3 if task == "cyclegan" else 6, ndf=ndf)
+    return NLayerDiscriminator(in_ch=3 if task == "cyclegan" else 6, ndf=ndf, norm=norm)
+
+
+def judge_real_fake(
+    modules: Any, name: str, real: torch.Tensor, fake: torch.Tensor, batch_norm: bool, fake_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained discriminator's predictions on the real and the fake batch.
+
+    InstanceNorm works per image: one call on both batches concatenated (through the module's DDP wrapper).
+    BatchNorm would mix real and fake statistics: two calls, as in the Pix2Pix / CycleGAN code, the first through
+    the wrapper and the second on the module itself; ``fake_first`` is the Pix2Pix release's order (the CycleGAN
+    code judges the real batch first), which decides the last update of the running statistics.
+    """
+    if not batch_norm:
+        pred = modules[name](torch.cat([real, fake]))
+        return pred[: len(real)], pred[len(real) :]
+    if fake_first:
+        pred_fake = modules[name](fake)
+        return modules.unwrap(name)(real), pred_fake
+    pred_real = modules[name](real)
+    return pred_real, modules.unwrap(name)(fake)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,10 +91,10 @@ def teacher_file(source: str | Path) -> Path:
 
 def load_teacher(source: str | Path, cfg: Any, need_d: bool, img_size: int) -> tuple[nn.Module, nn.Module | None, str]:
     """The teacher's G_A (and D_A when ``need_d``) from a teacher run, checkpoint or weights file, checked
-    against the recipe's teacher architecture, width and blocks / U-Net depth at ``img_size`` (a mismatch is
-    named)."""
+    against the recipe's teacher architecture, width and blocks / U-Net depth at ``img_size`` and its
+    discriminator norm (a mismatch is named)."""
     from evcli.io.checkpoint import load_model_weights, read_safetensors
-    from evcli.methods.distill_gan.networks import describe_generator
+    from evcli.methods.distill_gan.networks import describe_generator, discriminator_norm
 
     path = teacher_file(source)
     tensors, meta = read_safetensors(path, "teacher file")
@@ -120,7 +140,15 @@ def load_teacher(source: str | Path, cfg: Any, need_d: bool, img_size: int) -> t
                 "discriminator",
                 hint="pass the teacher's run folder or checkpoints/last.safetensors, or set distill-gan.adv_weight=0",
             )
-        d = make_discriminator(cfg.task, cfg.resolved("ndf"))
+        norm = discriminator_norm(d_state)
+        if norm != cfg.disc_norm:
+            names = {"instance": "InstanceNorm", "batch": "BatchNorm"}
+            raise CheckpointError(
+                f"{path} holds a teacher discriminator with {names[norm]}; this recipe's distill-gan.disc_norm is "
+                f"{cfg.disc_norm} ({names[cfg.disc_norm]})",
+                hint=f"set distill-gan.disc_norm={norm} (--set distill-gan.disc_norm={norm}) to use it",
+            )
+        d = make_discriminator(cfg.task, cfg.resolved("ndf"), norm)
         load_model_weights(d, d_state, f"{path} (teacher D_A)")
     return g, d, str(path)
 
@@ -178,11 +206,11 @@ class DistillGanMethod(Method):
         cfg, size = self.cfg, self.recipe.data.img_size
         mods = {
             "G_A": recipe_generator(cfg, "teacher", size),
-            "D_A": make_discriminator(cfg.task, cfg.resolved("ndf")),
+            "D_A": make_discriminator(cfg.task, cfg.resolved("ndf"), cfg.disc_norm),
         }
         if cfg.task == "cyclegan":
             mods["G_B"] = recipe_generator(cfg, "teacher", size)
-            mods["D_B"] = make_discriminator(cfg.task, cfg.resolved("ndf"))
+            mods["D_B"] = make_discriminator(cfg.task, cfg.resolved("ndf"), cfg.disc_norm)
         return {k: mods[k] for k in ("G_A", "G_B", "D_A", "D_B") if k in mods}
 
     def build(self, ctx: Any) -> dict[str, nn.Module | Frozen]:
@@ -316,7 +344,8 @@ class DistillGanMethod(Method):
     def _cyclegan_step(self, modules: Any, batch: Any, ctx: Any, logs: dict) -> torch.Tensor:
         """One CycleGAN teacher step: G_A and G_B (adversarial + cycle + identity), then D_A and D_B on pooled
         fakes. Each trained module is called once through its (DDP) wrapper; repeated uses go to the module
-        itself, whose gradients the wrapper's hooks still see."""
+        itself, whose gradients the wrapper's hooks still see. The generators' adversarial terms show the
+        discriminators the fake batch alone (BatchNorm or not)."""
         from evcli.methods.distill_gan.losses import gan_loss
 
         cfg, mode = self.cfg, self.cfg.resolved("gan_mode")
@@ -335,10 +364,11 @@ class DistillGanMethod(Method):
         ctx.step_optimizer("G", loss_g)
         pooled_b = self.pools["B"].query(fake_b.detach())  # D_A judges B images
         pooled_a = self.pools["A"].query(fake_a.detach())
-        pred_a = modules.D_A(torch.cat([b, pooled_b]))
-        pred_b = modules.D_B(torch.cat([a, pooled_a]))
-        loss_d = 0.5 * (gan_loss(pred_a[:n], True, mode) + gan_loss(pred_a[n:], False, mode))
-        loss_d = loss_d + 0.5 * (gan_loss(pred_b[:n], True, mode) + gan_loss(pred_b[n:], False, mode))
+        batch_norm = cfg.disc_norm == "batch"
+        d_a_real, d_a_fake = judge_real_fake(modules, "D_A", b, pooled_b, batch_norm)
+        d_b_real, d_b_fake = judge_real_fake(modules, "D_B", a, pooled_a, batch_norm)
+        loss_d = 0.5 * (gan_loss(d_a_real, True, mode) + gan_loss(d_a_fake, False, mode))
+        loss_d = loss_d + 0.5 * (gan_loss(d_b_real, True, mode) + gan_loss(d_b_fake, False, mode))
         ctx.step_optimizer("D", loss_d)
         logs.update(g_adv=adv.detach(), g_cycle=cycle.detach(), g_idt=idt.detach(), d=loss_d.detach())
         return loss_g.detach() + loss_d.detach()
@@ -360,9 +390,9 @@ class DistillGanMethod(Method):
             ctx.step_optimizer("G", adv + recon)
             logs.update(g_adv=adv.detach(), g_recon=recon.detach())
             total = total + (adv + recon).detach()
-        n = len(a)
-        pred = modules.D_A(torch.cat([torch.cat([a, b], 1), torch.cat([a, fake.detach()], 1)]))
-        loss_d = 0.5 * (gan_loss(pred[:n], True, mode) + gan_loss(pred[n:], False, mode))
+        real_ab, fake_ab = torch.cat([a, b], 1), torch.cat([a, fake.detach()], 1)
+        pred_real, pred_fake = judge_real_fake(modules, "D_A", real_ab, fake_ab, cfg.disc_norm == "batch", True)
+        loss_d = 0.5 * (gan_loss(pred_real, True, mode) + gan_loss(pred_fake, False, mode))
         ctx.step_optimizer("D", loss_d)
         logs["d"] = loss_d.detach()
         return total + loss_d.detach(), fake.detach()
@@ -385,6 +415,8 @@ class DistillGanMethod(Method):
             terms["feature"] = cfg.resolved("feature_weight") * feature
         adv_w = self._adv_weight()
         if adv_w > 0:
+            # D_A sees the student's batch alone. From a file it is frozen (eval mode: a BatchNorm D uses its running
+            # statistics); trained online it stays in training mode (batch statistics, as the release would run it)
             d_a = modules.unwrap("D_A") if "D_A" in modules.trained else modules["D_A"]
             terms["adv"] = adv_w * gan_loss(d_a(s), True, cfg.resolved("gan_mode"), False)
         return terms

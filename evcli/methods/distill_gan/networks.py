@@ -4,7 +4,8 @@ Pix2Pix teacher / student), and the 70x70 PatchGAN discriminator.
 
 All take and return images in [-1, 1]. In the ResNet generators InstanceNorm has no affine parameters and every
 convolution followed by it keeps its bias (the CycleGAN code base's convention); the U-Net uses BatchNorm (the
-card's ``--norm batch``). Conv weights start from N(0, 0.02), BatchNorm scales from N(1, 0.02).
+card's ``--norm batch``). The PatchGAN has InstanceNorm, or BatchNorm (``norm="batch"``, the release's
+``--norm batch`` for the U-Net setting). Conv weights start from N(0, 0.02), BatchNorm scales from N(1, 0.02).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 GENERATOR_ARCHS = ("mobile_resnet", "resnet", "unet")
 RESNET_ARCHS = ("mobile_resnet", "resnet")
+DISC_NORMS = ("instance", "batch")
 
 
 class SeparableConv2d(nn.Module):
@@ -161,18 +163,31 @@ class UnetGenerator(nn.Module):
 
 class NLayerDiscriminator(nn.Module):
     """70x70 PatchGAN (n_layers=3): C64(s2, no norm) - C128(s2) - C256(s2) - C512(s1) - C1(s1), 4x4 kernels,
-    padding 1, LeakyReLU 0.2, InstanceNorm."""
+    padding 1, LeakyReLU 0.2.
 
-    def __init__(self, in_ch: int = 3, ndf: int = 64, n_layers: int = 3):
+    Args:
+        in_ch: input channels (3 CycleGAN, 6 Pix2Pix's source+output pair).
+        ndf: width of the first convolution.
+        n_layers: stride-2 convolutions after the first one, the last of them at stride 1.
+        norm: ``instance`` (InstanceNorm without affine, every convolution with a bias) or ``batch`` (the
+            Pix2Pix code's ``--norm batch``: BatchNorm, and the convolutions it follows have no bias; the first
+            and the last convolution keep theirs). BatchNorm normalises over the batch: call it on real and fake
+            images separately.
+    """
+
+    def __init__(self, in_ch: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "instance"):
         super().__init__()
+        if norm not in DISC_NORMS:
+            raise ValueError(f"unknown discriminator norm {norm!r} (one of {', '.join(DISC_NORMS)})")
+        self.norm = norm
         layers: list[nn.Module] = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
             layers += [
-                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=True),
-                nn.InstanceNorm2d(ndf * mult),
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=norm == "instance"),
+                nn.InstanceNorm2d(ndf * mult) if norm == "instance" else nn.BatchNorm2d(ndf * mult),
                 nn.LeakyReLU(0.2, True),
             ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
@@ -181,6 +196,11 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def discriminator_norm(state: dict[str, torch.Tensor]) -> str:
+    """``batch`` or ``instance``: the norm of a PatchGAN state dict (only BatchNorm has running statistics)."""
+    return "batch" if any(k.endswith(".running_mean") for k in state) else "instance"
 
 
 @torch.no_grad()
