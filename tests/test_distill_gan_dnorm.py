@@ -269,3 +269,33 @@ def test_cli_rejects_disc_norm_group_in_one_line(tmp_path: Path):
     bad.write_text("evcli: 1\ncommand: distill-gan\ndistill-gan:\n  disc_norm: group\n")
     r = run_cli(["recipe", "validate", str(bad)])
     assert r.code == 2 and "'distill-gan.disc_norm': expected one of 'instance', 'batch'" in r.stderr
+
+
+def test_teacher_discriminator_width_mismatch_names_ndf(cyclegan_teachers: dict, tmp_path: Path):
+    r = run_cli(
+        ["distill-gan", "student", *TINY, "--set", "distill-gan.ndf=16"]
+        + ["--teacher", str(cyclegan_teachers["instance"]), "-o", str(tmp_path / "run")]
+    )
+    assert r.code == 3, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "width (ndf) 8 on 3 input channels" in errors[0] and "ndf 16 on 3" in errors[0]
+    assert "set distill-gan.ndf=8" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [TINY, PIX2PIX], ids=["cyclegan", "pix2pix"])
+def test_two_processes_train_a_batchnorm_discriminator(recipe: list[str], tmp_path: Path):
+    """DDP with a BatchNorm D: the two calls per step (one through the wrapper, one on the module) run under two
+    processes and the checkpoint holds a finite D with its running statistics. Per-process batch statistics
+    differ from one process at batch 2, so the weights are not compared with a single-process run."""
+    from safetensors.torch import load_file
+
+    from evcli.testing import launch_two_processes
+
+    out = tmp_path / "ddp"
+    r = launch_two_processes(["distill-gan", "teacher", *recipe, *BATCH, "-o", str(out), "--set", "data.batch_size=1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = load_file(str(out / "checkpoints" / "last.safetensors"))
+    assert any(k.startswith("module.D_A.") and k.endswith("running_mean") for k in state)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

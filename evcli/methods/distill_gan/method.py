@@ -148,7 +148,17 @@ def load_teacher(source: str | Path, cfg: Any, need_d: bool, img_size: int) -> t
                 f"{cfg.disc_norm} ({names[cfg.disc_norm]})",
                 hint=f"set distill-gan.disc_norm={norm} (--set distill-gan.disc_norm={norm}) to use it",
             )
-        d = make_discriminator(cfg.task, cfg.resolved("ndf"), norm)
+        first = d_state.get("model.0.weight")
+        ndf, in_ch = cfg.resolved("ndf"), 3 if cfg.task == "cyclegan" else 6
+        if first is not None and first.dim() == 4 and tuple(first.shape[:2]) != (ndf, in_ch):
+            raise CheckpointError(
+                f"{path} holds a teacher discriminator of width (ndf) {first.shape[0]} on {first.shape[1]} input "
+                f"channels; this recipe's is ndf {ndf} on {in_ch} ({cfg.task})",
+                hint=f"set distill-gan.ndf={first.shape[0]} to use it"
+                if first.shape[1] == in_ch
+                else "pass a teacher trained for the same task",
+            )
+        d = make_discriminator(cfg.task, ndf, norm)
         load_model_weights(d, d_state, f"{path} (teacher D_A)")
     return g, d, str(path)
 
