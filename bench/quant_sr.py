@@ -73,6 +73,24 @@ def prepare(folder: Path, opencv: Path | None) -> dict[str, list[str]]:
     return used
 
 
+def data_sets(work: Path, sets: list[str], blocks: int, channels: int, patch: int, batch: int) -> list[str]:
+    """The recipe overrides every bench run shares: ``work``'s folders (from ``prepare``), x4 EDSR of
+    ``blocks`` x ``channels``, ``patch`` px HR crops in batches of ``batch``."""
+    return [
+        f"data.path={work / 'train'}",
+        f"quant-sr.benchmark={work / 'benchmark'}",
+        f"quant-sr.val_sets=[{', '.join(sets)}]",
+        "quant-sr.scale=4",
+        f"quant-sr.blocks={blocks}",
+        f"quant-sr.channels={channels}",
+        "quant-sr.repeat=1000",
+        "quant-sr.cache=true",
+        f"data.img_size={patch}",
+        f"data.batch_size={batch}",
+        "data.workers=0",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fp-steps", type=int, default=600)
@@ -118,17 +136,7 @@ def main() -> None:
         used = prepare(work, opencv)
     sets = ["builtin"] + (["opencv"] if used["opencv"] else [])
     base = [
-        f"data.path={work / 'train'}",
-        f"quant-sr.benchmark={work / 'benchmark'}",
-        f"quant-sr.val_sets=[{', '.join(sets)}]",
-        "quant-sr.scale=4",
-        f"quant-sr.blocks={args.blocks}",
-        f"quant-sr.channels={args.channels}",
-        "quant-sr.repeat=1000",
-        "quant-sr.cache=true",
-        f"data.img_size={args.patch}",
-        f"data.batch_size={args.batch}",
-        "data.workers=0",
+        *data_sets(work, sets, args.blocks, args.channels, args.patch, args.batch),
         "schedule.epochs=1000",  # --fp-steps / --q-steps end the runs (epochs=1 capped them at one pass over the data)
         "train.eval_every=100000step",
         "train.log_every=50",

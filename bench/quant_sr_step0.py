@@ -67,18 +67,11 @@ def main() -> None:
     set_quiet(True)
     work = args.work
     sets = [s for s in ("builtin", "opencv") if (work / "benchmark" / s).is_dir()]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quant_sr import data_sets
+
     base = [
-        f"data.path={work / 'train'}",
-        f"quant-sr.benchmark={work / 'benchmark'}",
-        f"quant-sr.val_sets=[{', '.join(sets)}]",
-        "quant-sr.scale=4",
-        f"quant-sr.blocks={args.blocks}",
-        f"quant-sr.channels={args.channels}",
-        "quant-sr.repeat=1000",
-        "quant-sr.cache=true",
-        f"data.img_size={args.patch}",
-        f"data.batch_size={args.batch}",
-        "data.workers=0",
+        *data_sets(work, sets, args.blocks, args.channels, args.patch, args.batch),
         f"quant-sr.teacher={args.teacher}",
         f"quant-sr.calib_batches={args.calib}",
     ]
