@@ -149,8 +149,8 @@ def main() -> None:
         "teacher": str(args.teacher),
         "network": f"EDSR {args.blocks} blocks x {args.channels} channels, x4",
         "calibration": f"the method's calibrate on the first {args.calib} batches of the training loader, as a run's "
-        f"calibration sees them ({args.batch} x "
-        f"{args.patch} px HR), bound init M = 99 for every bit width (quant-sr.bound_init all_bits)",
+        f"calibration sees them ({args.batch} x {args.patch} px HR), bound init M = 99 for every bit width "
+        "(quant-sr.bound_init all_bits)",
         "fine_tuning": "none: every quantized row is the model a quantized run starts training from",
         "metric": "PSNR / SSIM on Y (border = scale), whole held-out images, the method's eval_step",
         "results": results,

@@ -45,10 +45,15 @@ def recipe_generator(cfg: Any, role: str, img_size: int) -> nn.Module:
     return make_generator(*cfg.generator_spec(role, img_size), dropout=cfg.unet_dropout)
 
 
+def disc_in_channels(task: str) -> int:
+    """The PatchGAN's input channels: an image (CycleGAN) or the source + output pair (Pix2Pix)."""
+    return 3 if task == "cyclegan" else 6
+
+
 def make_discriminator(task: str, ndf: int, norm: str = "instance") -> nn.Module:
     from evcli.methods.distill_gan.networks import NLayerDiscriminator
 
-    return NLayerDiscriminator(in_ch=3 if task == "cyclegan" else 6, ndf=ndf, norm=norm)
+    return NLayerDiscriminator(in_ch=disc_in_channels(task), ndf=ndf, norm=norm)
 
 
 def judge_real_fake(
@@ -149,14 +154,14 @@ def load_teacher(source: str | Path, cfg: Any, need_d: bool, img_size: int) -> t
                 hint=f"set distill-gan.disc_norm={norm} (--set distill-gan.disc_norm={norm}) to use it",
             )
         first = d_state.get("model.0.weight")
-        ndf, in_ch = cfg.resolved("ndf"), 3 if cfg.task == "cyclegan" else 6
+        ndf, in_ch = cfg.resolved("ndf"), disc_in_channels(cfg.task)
         if first is not None and first.dim() == 4 and tuple(first.shape[:2]) != (ndf, in_ch):
+            found_ndf, found_in = first.shape[:2]
+            hint = f"set distill-gan.ndf={found_ndf} to use it" if found_in == in_ch else "pass a teacher of this task"
             raise CheckpointError(
-                f"{path} holds a teacher discriminator of width (ndf) {first.shape[0]} on {first.shape[1]} input "
-                f"channels; this recipe's is ndf {ndf} on {in_ch} ({cfg.task})",
-                hint=f"set distill-gan.ndf={first.shape[0]} to use it"
-                if first.shape[1] == in_ch
-                else "pass a teacher trained for the same task",
+                f"{path} holds a teacher discriminator of width (ndf) {found_ndf} on {found_in} input channels; "
+                f"this recipe's is ndf {ndf} on {in_ch} ({cfg.task})",
+                hint=hint,
             )
         d = make_discriminator(cfg.task, ndf, norm)
         load_model_weights(d, d_state, f"{path} (teacher D_A)")
