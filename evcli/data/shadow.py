@@ -245,6 +245,44 @@ def render_shadow(
     return shadow.astype(np.float32), (alpha >= 0.5).astype(np.float32)
 
 
+def noisy_mask(mask: torch.Tensor, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A detector-like corruption of a binary shadow mask [1, H, W] (not in the papers: ``deshadow.mask_noise``).
+
+    The true mask's border moves (dilated or eroded by up to 4 px), and a false region is added: an occluder
+    silhouette (:func:`_occluder`) anywhere in the image, half the time only its darker pixels (the learned
+    detector's false alarms sit on dark objects and dark textures). The ground truth is not touched, so a
+    remover trained on such masks learns to leave a lit region alone when it is masked by mistake.
+
+    Args:
+        mask: 0/1 float [1, H, W].
+        image: the RGB image the mask belongs to, [3, H, W] in [0, 1] (for the darker-pixels variant).
+        rng: the sample's random generator.
+    """
+    h, w = mask.shape[-2:]
+    out = mask.float()[None]
+    r = int(rng.integers(-4, 5))
+    if r > 0:
+        out = F.max_pool2d(out, 2 * r + 1, stride=1, padding=r)
+    elif r < 0:
+        out = 1.0 - F.max_pool2d(1.0 - out, 2 * -r + 1, stride=1, padding=-r)
+    blob = np.asarray(_occluder((w, h), rng)) > 127
+    if rng.random() < 0.5:
+        lum = image.float().mean(0).numpy()
+        blob &= lum < np.quantile(lum, rng.uniform(0.2, 0.6))
+    return torch.maximum(out[0], torch.from_numpy(blob)[None].to(out)).to(mask.dtype)
+
+
+def noisy_masks(masks: torch.Tensor, images: torch.Tensor, p: float, rng: np.random.Generator) -> torch.Tensor:
+    """:func:`noisy_mask` applied to each sample of a batch [N, 1, H, W] with probability ``p``."""
+    if p <= 0:
+        return masks
+    out = masks.clone()
+    for i in range(masks.shape[0]):
+        if rng.random() < p:
+            out[i] = noisy_mask(masks[i].cpu(), images[i].detach().cpu(), rng).to(out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Paired augmentation (the papers' ShadowgtDataset, applied once to shadow, mask and ground truth)
 

@@ -20,8 +20,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,19 @@ def _reseed_globals(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
     random.seed(seed)
     np.random.seed(seed % (2**32))
+
+
+@contextmanager
+def _eval_mode(modules: Modules) -> Iterator[None]:
+    """The trained modules in eval mode inside the block, each back in its own mode after."""
+    modes = {n: m.training for n, m in modules.trained.items()}
+    for m in modules.trained.values():
+        m.eval()
+    try:
+        yield
+    finally:
+        for n, m in modules.trained.items():
+            m.train(modes[n])
 
 
 def check_trackers(names: list[str]) -> list[str]:
@@ -874,11 +887,8 @@ class Trainer:
         from accelerate.utils import send_to_device
 
         acc = self.accelerator
-        modes = {n: m.training for n, m in modules.trained.items()}
-        for m in modules.trained.values():
-            m.eval()
         sums: dict[str, torch.Tensor] = {}
-        try:
+        with _eval_mode(modules):
             for batch in loader:
                 batch = send_to_device(batch, acc.device, non_blocking=True)
                 with acc.autocast():
@@ -886,9 +896,6 @@ class Trainer:
                 for k, v in part.items():
                     v = v.detach().to(torch.float64)
                     sums[k] = sums[k] + v if k in sums else v
-        finally:
-            for n, m in modules.trained.items():
-                m.train(modes[n])
         if self.world > 1:
             from accelerate.utils import gather_object
 
@@ -930,7 +937,8 @@ class Trainer:
             if (self.run_dir / "checkpoints" / "best.safetensors").exists():
                 files["best_checkpoint"] = str(self.run_dir / "checkpoints" / "best.safetensors")
             files["metrics"] = str(self.run_dir / "metrics.jsonl")
-            files.update(self.method.artifacts(modules, self.run_dir, ctx))
+            with _eval_mode(modules), torch.no_grad():  # pictures must not touch BatchNorm statistics
+                files.update(self.method.artifacts(modules, self.run_dir, ctx))
             report = {
                 "command": r.command,
                 "method": getattr(r.method, "method", r.command),

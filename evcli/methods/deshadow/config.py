@@ -51,6 +51,10 @@ class DeshadowConfig:
     shadow_free: float = 0.0  # built-in data: fraction of samples left without a shadow (empty mask)
     mask_threshold_train: float | None = None  # null: 0.5 for labnet, 0.9 for sadc (the papers')
     mask_threshold_test: float = 0.9
+    # training only, not in the papers: the fraction of training samples whose input mask is corrupted like a
+    # detector's (border moved, a false region added; the ground truth unchanged), so the remover learns to leave
+    # a wrongly masked lit region alone; with > 0 the val also scores results under such masks (noisy_* metrics)
+    mask_noise: float = 0.0
     # --- networks
     channels: int | None = None  # null: 32 for labnet, 64 for sadc (the papers' sizes), 16 for the detector
     init: Literal["kaiming", "identity"] = "kaiming"  # kaiming (papers); identity: LAB-Net starts as the identity map
@@ -82,6 +86,7 @@ class DeshadowConfig:
         "builtin_val_samples": ">= 1, <= 100000",
         "builtin_val_size": ">= 8, <= 4096",
         "shadow_free": "[0, 1)",
+        "mask_noise": "[0, 1]",
         "lsa_stride": ">= 1, <= 4096",
         "mask_threshold_train": "[0, 1)",
         "mask_threshold_test": "[0, 1)",
@@ -116,6 +121,8 @@ class DeshadowConfig:
             )
         if self.init == "identity" and self.method != "labnet":
             raise RecipeError("deshadow.init=identity exists for labnet only (SADC has no global residual)")
+        if self.mask_noise > 0 and self.method == "detector":
+            raise RecipeError("deshadow.mask_noise corrupts a remover's input mask: the detector has none")
         if self.method == "detector" and recipe.train.best_metric == "lab_mae_all":
             recipe.train.best_metric, recipe.train.best_mode = "ber", "min"
         c = self.resolved_channels()

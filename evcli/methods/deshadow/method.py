@@ -7,12 +7,15 @@ a resumed run continues exactly.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from evcli.data.loading import mix_seed
 from evcli.engine.method import Frozen, Method, OptimizerSpec, StepOutput
 from evcli.metrics.image import lab8_to_rgb, rgb_to_lab8
 from evcli.recipe import Recipe
@@ -166,6 +169,11 @@ class DeshadowMethod(Method):
             loss = balanced_bce(logits, batch["mask"], self.cfg.detector_pos_weight)
             return StepOutput(loss, {"bce": loss.detach()})
         mask = (batch["mask"] > self.cfg.train_threshold()).to(shadow.dtype)
+        if self.cfg.mask_noise > 0:  # the engine reseeds the global RNGs every step: resumes are exact
+            from evcli.data.shadow import noisy_masks
+
+            rng = np.random.default_rng(int(np.random.randint(0, 2**31)))
+            mask = noisy_masks(mask, shadow, self.cfg.mask_noise, rng)
         raw = modules.model(shadow, mask, raw=True, **self._features(modules))  # through DDP: gradient sync
         target = rgb_to_lab8(free) if self.cfg.method == "labnet" else free
         grad = gradient_loss(raw, target)
@@ -195,7 +203,14 @@ class DeshadowMethod(Method):
         mask = (batch["mask"] > self.cfg.mask_threshold_test).float()
         pred = modules.model(batch["shadow"], mask, **self._features(modules))
         metrics.update(pred.float(), batch["free"], mask)
-        return {"totals": metrics.totals()}
+        out = {"totals": metrics.totals()}
+        if self.cfg.mask_noise > 0:  # the same images under detector-like masks, scored on the true regions
+            noisy = ShadowMetrics(self.cfg.eval_resize, device=batch["shadow"].device)
+            given = eval_noisy_masks(mask, batch["shadow"], self.recipe.train.seed)
+            pred = modules.model(batch["shadow"], given, **self._features(modules))
+            noisy.update(pred.float(), batch["free"], mask)
+            out["noisy_totals"] = noisy.totals()
+        return out
 
     def summarize(self, sums: dict[str, torch.Tensor], ctx: Any) -> dict[str, float]:
         if "confusion" in sums:
@@ -204,7 +219,11 @@ class DeshadowMethod(Method):
             return ber_iou(sums["confusion"])
         from evcli.metrics.shadow import shadow_summary
 
-        return shadow_summary(sums["totals"], self.cfg.eval_resize)
+        out = shadow_summary(sums["totals"], self.cfg.eval_resize)
+        if "noisy_totals" in sums:
+            noisy = shadow_summary(sums["noisy_totals"], self.cfg.eval_resize)
+            out.update({f"noisy_{k}": v for k, v in noisy.items() if k != "images"})
+        return out
 
     @torch.no_grad()
     def artifacts(self, modules: Any, out_dir: Any, ctx: Any) -> dict[str, str]:
@@ -230,6 +249,19 @@ class DeshadowMethod(Method):
 
     def report_extras(self, ctx: Any) -> dict[str, Any]:
         return {"vgg": vgg_description(self.cfg), "eval_resize": self.cfg.eval_resize}
+
+
+def eval_noisy_masks(masks: torch.Tensor, images: torch.Tensor, seed: int) -> torch.Tensor:
+    """Detector-like masks for the val images (:func:`evcli.data.shadow.noisy_mask` on every one), each seeded
+    by its image's bytes: the same at every evaluation, whatever the batching or sharding."""
+    from evcli.data.shadow import noisy_mask
+
+    out = masks.clone()
+    for i in range(masks.shape[0]):
+        img = images[i].detach().float().cpu()
+        rng = np.random.default_rng(mix_seed(seed, zlib.crc32(img.numpy().tobytes()), 0x401E))
+        out[i] = noisy_mask(masks[i].cpu(), img, rng).to(out)
+    return out
 
 
 def vgg_description(cfg: Any) -> str:
