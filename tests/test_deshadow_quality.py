@@ -385,6 +385,18 @@ def test_detector_trains_through_the_engine_and_loads_from_its_run(tmp_path: Pat
     assert 0.0 <= metrics["ber"] <= 100.0 and 0.0 <= metrics["iou"] <= 1.0
     net = load_detector(run)
     assert net(torch.rand(1, 3, 16, 16)).shape == (1, 1, 16, 16)
+    # photos reach it at the scale it trained at: working size = its training crop size (tiny: 32 px) ...
+    from evcli.methods.deshadow.detector import detect_shadow
+
+    assert net.work_size == 32 and detect_shadow(net, torch.rand(3, 48, 64)).prob.shape == (1, 24, 32)
+    assert detect_shadow(net, torch.rand(3, 48, 64), work_size=64).prob.shape == (1, 48, 64)
+    # ... or the recipe's deshadow.detector_work_size
+    r = run_cli(
+        ["deshadow", "train", "--recipe", "deshadow/tiny", "--method", "detector", "-o", str(tmp_path / "d2"), *sets]
+        + ["--set", "deshadow.detector_work_size=16"]
+    )
+    assert r.code == 0, r.stderr
+    assert load_detector(tmp_path / "d2").work_size == 16
     img = _save(tmp_path / "x.png", torch.rand(3, 16, 16))
     bad = run_cli(["deshadow", str(img), "--weights", str(run), "-o", str(tmp_path / "y.png")])
     assert bad.code == 2 and "shadow-detector weights" in bad.stderr and "Traceback" not in bad.stderr

@@ -69,6 +69,9 @@ class DeshadowConfig:
     perceptual_features: Literal["pre_relu", "post_relu"] = "pre_relu"  # paper (slice outputs) or release (ReLU'd)
     vgg: Literal["pretrained", "random"] = "pretrained"  # VGG16 weights: ImageNet (papers) or random (SADC release)
     vgg_weights: str | None = None  # ImageNet VGG16 as .safetensors (else torchvision's local cache)
+    # detector inference: longer side of the working image (null: the training crop size data.img_size, so a
+    # whole photo reaches it at the scale of its whole-photo training crops)
+    detector_work_size: int | None = None
     detector_pos_weight: float = 2.0  # detector: weight of shadow pixels in its binary cross-entropy
     labnet_loss: list[float] = field(default_factory=lambda: [1.0, 10.0, 100.0])  # [perceptual, gradient, mse]
     sadc_loss_scale: float = 100.0  # SADC: L = scale * (perceptual + gradient + c(e) * KD)
@@ -97,6 +100,7 @@ class DeshadowConfig:
         "labnet_loss": ">= 0",
         "sadc_loss_scale": "> 0",
         "detector_pos_weight": "> 0",
+        "detector_work_size": ">= 8, <= 65536",
     }
 
     def resolved_channels(self) -> int:

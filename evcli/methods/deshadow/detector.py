@@ -9,10 +9,14 @@ boundaries at full resolution and its 1/8 bottleneck a receptive field of about 
 parameters (1.9 MB) and no pretrained backbone to download. It trains from scratch in CPU minutes on
 rendered shadows.
 
-Inference (:func:`detect_shadow`) runs at a working size (longer side at most ``work_size`` = 384 px),
-upsamples the probability map, thresholds it at 0.5 and drops regions under 0.2 % of the image. The network's
-cost is thus bounded at any photo size (a 12000x8000 photo costs it what a 640x480 one does) and its input
-matches the scale of the training crops.
+Inference (:func:`detect_shadow`) runs at a working size (longer side at most ``work_size``: the detector's
+``work_size`` attribute, which :func:`evcli.methods.deshadow.infer.load_detector` sets from its weights' recipe,
+``deshadow.detector_work_size`` or else the training crop size ``data.img_size``; ``WORK_SIZE`` = 384 px for
+weights without a recipe), upsamples the probability map, thresholds it at 0.5 and drops regions under 0.2 % of
+the image. The network's cost is thus bounded at any photo size (a 12000x8000 photo costs it what a 640x480 one
+does) and a whole photo reaches it at the scale of the whole-photo training crops: a detector trained on
+128 px crops and run at 384 px misses more shadow and flags more lit pixels (the 2026-12-03 val numbers are in
+``recipes/deshadow/detector_builtin.yaml``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WORK_SIZE = 384  # longer side of the detector's working image
+WORK_SIZE = 384  # longer side of the detector's working image when its weights do not say (no recipe)
 LOW_CONFIDENCE = 0.08  # warn when more than this fraction of the image is uncertain (0.25 < p < 0.75)
 LARGE_MASK = 0.40  # warn when the estimated mask covers more than this fraction of the image
 
@@ -53,6 +57,7 @@ class ShadowDetector(nn.Module):
             _double_conv(2 * c + c, c),
         )
         self.head = nn.Conv2d(c, 1, 1)
+        self.work_size = WORK_SIZE  # inference: longer side of the working image (load_detector sets it)
         # inputs are centred so the first layer sees zero-mean values (no per-dataset statistics)
         self.register_buffer("mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
 
@@ -135,9 +140,12 @@ class Detection:
 
 @torch.no_grad()
 def detect_shadow(
-    detector: nn.Module, rgb: torch.Tensor, threshold: float = 0.5, work_size: int = WORK_SIZE
+    detector: nn.Module, rgb: torch.Tensor, threshold: float = 0.5, work_size: int | None = None
 ) -> Detection:
-    """Shadow mask of one RGB image [3, H, W] in [0, 1] with a trained :class:`ShadowDetector`."""
+    """Shadow mask of one RGB image [3, H, W] in [0, 1] with a trained :class:`ShadowDetector`, run with the
+    longer side at most ``work_size`` (None: the detector's own ``work_size``, else ``WORK_SIZE``)."""
+    if work_size is None:
+        work_size = int(getattr(detector, "work_size", WORK_SIZE))
     h, w = rgb.shape[-2:]
     x = rgb[None].float()
     f = min(1.0, work_size / max(h, w))

@@ -307,12 +307,16 @@ def load_detector(weights: str | Path | None = None) -> nn.Module:
     path = resolve_weights_source(weights)
     tensors, meta = read_safetensors(path, "detector weights file")
     saved = meta.get("recipe")
-    cfg = recipe_from_saved(saved).method if isinstance(saved, dict) else DeshadowConfig(method="detector")
+    recipe = recipe_from_saved(saved) if isinstance(saved, dict) else None
+    cfg = recipe.method if recipe is not None else DeshadowConfig(method="detector")
     if cfg.method != "detector":
         raise CheckpointError(f"{path} holds {cfg.method} weights, not a shadow detector's")
     model = DeshadowModel(cfg)
     load_model_weights(model, model_weights_from(tensors, meta), str(path), strict=True)
-    return model.net.eval()
+    net = model.net.eval()
+    if recipe is not None:  # photos reach it at the scale of its training crops (detector.detect_shadow)
+        net.work_size = cfg.detector_work_size or recipe.data.img_size
+    return net
 
 
 def estimate_mask(
