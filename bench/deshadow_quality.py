@@ -88,6 +88,9 @@ def main() -> None:
         help="evaluate these image files (paths relative to --photo-dir) instead of the built-in held-out set, "
         "e.g. a fresh set that never influenced any design choice",
     )
+    ap.add_argument("--detector", default=None, help="detector weights (default: the shipped ones)")
+    ap.add_argument("--labnet", default=None, help="LAB-Net weights (default: the shipped ones), e.g. a candidate")
+    ap.add_argument("--sadc", default=None, help="SADC weights (default: the shipped ones)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "deshadow_quality.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -99,8 +102,8 @@ def main() -> None:
     retain_freed_memory()
     t0 = time.time()
     cases, free_cases, names = held_out_cases(args.photo_dir, args.shadows, args.side, args.photos)
-    detector = load_detector()
-    removers = {m: load_remover(m) for m in ("labnet", "sadc")}
+    detector = load_detector(args.detector)
+    removers = {m: load_remover(m, getattr(args, m)) for m in ("labnet", "sadc")}
     colour = load_remover("colour_transfer")
 
     # --- detection -----------------------------------------------------------------------------------
@@ -267,6 +270,12 @@ def main() -> None:
             "shadow_free_cases": len(free_cases),
             "longer_side": args.side,
             "renderer": "evcli.data.shadow.render_shadow, rng seeds 1000 + 100 * photo + i",
+        },
+        "weights": {
+            "detector": args.detector or "shipped",
+            "detector_work_size": int(detector.work_size),
+            "labnet": args.labnet or "shipped",
+            "sadc": args.sadc or "shipped",
         },
         "targets": targets,
         "detection": detection,

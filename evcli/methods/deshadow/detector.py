@@ -16,7 +16,7 @@ weights without a recipe), upsamples the probability map, thresholds it at 0.5 a
 the image. The network's cost is thus bounded at any photo size (a 12000x8000 photo costs it what a 640x480 one
 does) and a whole photo reaches it at the scale of the whole-photo training crops: a detector trained on
 128 px crops and run at 384 px misses more shadow and flags more lit pixels (the 2026-12-03 val numbers are in
-``recipes/deshadow/detector_builtin.yaml``).
+``bench/results/deshadow_detector_scale.json``).
 """
 
 from __future__ import annotations
