@@ -9,7 +9,7 @@ boundaries at full resolution and its 1/8 bottleneck a receptive field of about 
 parameters (1.9 MB) and no pretrained backbone to download. It trains from scratch in CPU minutes on
 rendered shadows.
 
-Inference (:func:`detect_shadow`) runs at a working size (longer side at most ``work_size``: the detector's
+Inference (:func:`detect_shadow`) runs at a working size (longer side resized to ``work_size``: the detector's
 ``work_size`` attribute, which :func:`evcli.methods.deshadow.infer.load_detector` sets from its weights' recipe,
 ``deshadow.detector_work_size`` or else the training crop size ``data.img_size``; ``WORK_SIZE`` = 384 px for
 weights without a recipe), upsamples the probability map, thresholds it at 0.5 and drops regions under 0.2 % of
@@ -143,15 +143,15 @@ def detect_shadow(
     detector: nn.Module, rgb: torch.Tensor, threshold: float = 0.5, work_size: int | None = None
 ) -> Detection:
     """Shadow mask of one RGB image [3, H, W] in [0, 1] with a trained :class:`ShadowDetector`, run with the
-    longer side at most ``work_size`` (None: the detector's own ``work_size``, else ``WORK_SIZE``)."""
+    longer side resized to ``work_size`` (None: the detector's own ``work_size``, else ``WORK_SIZE``)."""
     if work_size is None:
         work_size = int(getattr(detector, "work_size", WORK_SIZE))
     h, w = rgb.shape[-2:]
     x = rgb[None].float()
-    f = min(1.0, work_size / max(h, w))
-    if f < 1.0:
+    f = work_size / max(h, w)  # smaller photos are enlarged: a whole scene reaches it at its training scale
+    if f != 1.0:
         size = (max(1, round(h * f)), max(1, round(w * f)))
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=f < 1.0, align_corners=False)
     prob = torch.sigmoid(detector(x).float())[0].clamp_(0, 1)  # [1, h', w'] at the working size
     full = prob
     if full.shape[-2:] != (h, w):
