@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import launch_two_processes, make_image_folder, run_cli
+from evcli.testing import interrupt_after, launch_two_processes, make_image_folder, run_cli
 
 TINY = ["--recipe", "coarse2fine/tiny", "--max-steps", "2", "--set", "train.eval_every=2step"]
 
@@ -179,15 +178,7 @@ def test_resume_after_interrupt_is_bit_exact_across_the_selection_switch(
     ]
     r = run_cli([*args, "-o", str(tmp_path / "full")])
     assert r.code == 0, r.stderr
-    original = Trainer._train_step
-
-    def interrupt_after_one(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 1:
-            self._interrupt = True
-        return out
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_one)
+    interrupt_after(monkeypatch, 1)
     r = run_cli([*args, "-o", str(tmp_path / "split")])
     monkeypatch.undo()
     assert r.code == 130, r.stderr

@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import run_cli
+from evcli.testing import interrupt_after, run_cli
 
 TINY = ["deshadow", "train", "--recipe", "deshadow/tiny"]
 
@@ -89,16 +88,8 @@ def test_baselines_evaluate_through_the_same_tool():
 
 def test_resume_after_interrupt_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_run: Path):
     full = tiny_run  # the uninterrupted run of the same recipe
-    original = Trainer._train_step
-
-    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
     partial = tmp_path / "partial"
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*TINY, "-o", str(partial)])
     monkeypatch.undo()
     assert r.code == 130

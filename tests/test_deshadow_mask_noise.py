@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from evcli.data.shadow import noisy_mask, noisy_masks
-from evcli.engine.trainer import Trainer
 from evcli.methods.deshadow.method import eval_noisy_masks
-from evcli.testing import run_cli
+from evcli.testing import interrupt_after, run_cli
 
 NOISY = ["deshadow", "train", "--recipe", "deshadow/tiny", "--set", "deshadow.mask_noise=1"]
 
@@ -118,15 +117,7 @@ def test_no_noisy_metrics_without_mask_noise(tmp_path: Path):
 def test_resume_with_mask_noise_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     r = run_cli([*NOISY, "-o", str(tmp_path / "full")])
     assert r.code == 0, r.stderr
-    original = Trainer._train_step
-
-    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*NOISY, "-o", str(tmp_path / "partial")])
     monkeypatch.undo()
     assert r.code == 130

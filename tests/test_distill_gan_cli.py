@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import run_cli
+from evcli.testing import interrupt_after, run_cli
 
 TEACHER = ["distill-gan", "teacher", "-r", "distill-gan/tiny"]
 STUDENT = ["distill-gan", "student", "-r", "distill-gan/tiny"]
@@ -117,15 +116,7 @@ def test_online_l1_baseline_phases_and_exact_resume(tmp_path: Path, monkeypatch:
     assert set(report["trained_modules"]) == {"S", "G_A", "G_B", "D_A", "D_B"} and "vgg" not in report["frozen_modules"]
     assert Path(report["files"]["teacher_weights"]).exists()
     assert load_file(str(full / "final.safetensors"))["model.1.weight"].shape == (4, 3, 7, 7)  # S only
-    original = Trainer._train_step
-
-    def interrupt_after_three(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_three)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*args, "-o", str(partial)])
     monkeypatch.undo()
     assert r.code == 130, r.stderr

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import TINY_ARGS, launch_two_processes, make_image_folder, run_cli
+from evcli.testing import TINY_ARGS, interrupt_after, launch_two_processes, make_image_folder, run_cli
 
 
 @pytest.mark.parametrize("method", ["none", "mixup", "cutmix", "mixup-cutmix"])
@@ -72,16 +71,8 @@ def test_cutmix_on_image_folder_train_eval_resume_export(tmp_path: Path, monkeyp
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
     # the same run interrupted (as by Ctrl-C) after step 2: exit 130, then --resume finishes identically
-    original = Trainer._train_step
-
-    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
     partial = tmp_path / "partial"
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*args[:-1], str(partial)])
     monkeypatch.undo()
     assert r.code == 130 and f"--resume {partial}" in r.stderr

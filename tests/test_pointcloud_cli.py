@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import imports_torch, run_cli
+from evcli.testing import imports_torch, interrupt_after, run_cli
 
 TINY = ["pointcloud", "train", "--recipe", "pointcloud/tiny"]
 TINY_SEG = ["pointcloud", "train", "--recipe", "pointcloud/tiny_seg"]
@@ -68,16 +67,8 @@ def test_eval_reproduces_training_metrics_and_votes(cls_run: Path):
 
 
 def test_resume_after_interrupt_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls_run: Path):
-    original = Trainer._train_step
-
-    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
     partial = tmp_path / "partial"
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*TINY, "-o", str(partial)])
     monkeypatch.undo()
     assert r.code == 130

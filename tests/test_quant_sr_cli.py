@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from evcli.engine.trainer import Trainer
-from evcli.testing import run_cli
+from evcli.testing import interrupt_after, run_cli
 
 FP = ["quant-sr", "train", "--recipe", "quant-sr/tiny_fp"]
 Q = ["quant-sr", "train", "--recipe", "quant-sr/tiny"]
@@ -86,16 +85,8 @@ def test_export_holds_integer_weights_and_scores_like_the_live_model(runs: dict[
 
 
 def test_resume_after_interrupt_is_exact(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    original = Trainer._train_step
-
-    def interrupt_after_two(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 2:
-            self._interrupt = True
-        return out
-
     partial = tmp_path / "partial"
-    monkeypatch.setattr(Trainer, "_train_step", interrupt_after_two)
+    interrupt_after(monkeypatch, 2)
     r = run_cli([*Q, "--teacher", str(runs["fp"]), "-o", str(partial)])
     monkeypatch.undo()
     assert r.code == 130, r.stderr

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from evcli.errors import UsageError
 from evcli.methods.mix import smmix as sm
-from evcli.testing import TINY_ARGS, launch_two_processes, make_image_folder, run_cli
+from evcli.testing import TINY_ARGS, interrupt_after, launch_two_processes, make_image_folder, run_cli
 
 
 @pytest.mark.parametrize(("s", "expected"), [(14, list(range(3, 11))), (7, [1, 2, 3, 4, 5]), (8, [2, 3, 4, 5, 6])])
@@ -167,7 +167,6 @@ def test_cli_smmix_trains_saves_picture_and_exports_plain_backbone(tmp_path: Pat
 def test_smmix_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from evcli.api import resume as prepare_resume
     from evcli.api import train as run_training
-    from evcli.engine.trainer import Trainer
     from evcli.recipe import resolve_recipe
     from evcli.testing import TINY_FLAGS
 
@@ -182,15 +181,7 @@ def test_smmix_resume_is_bit_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         "model.drop_path": 0.1,
     }
     run_training(resolve_recipe("mix", flags={**flags, "out.dir": str(tmp_path / "full")}))
-    original = Trainer._train_step
-
-    def interrupt(self: Trainer, batches):  # noqa: ANN001
-        out = original(self, batches)
-        if self.ctx.step + 1 == 5:
-            self._interrupt = True
-        return out
-
-    monkeypatch.setattr(Trainer, "_train_step", interrupt)
+    interrupt_after(monkeypatch, 5)
     with pytest.raises(Exception, match="interrupted"):
         run_training(resolve_recipe("mix", flags={**flags, "out.dir": str(tmp_path / "split")}))
     monkeypatch.undo()

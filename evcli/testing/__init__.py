@@ -136,3 +136,19 @@ def imports_torch(args: list[str], env: dict[str, str] | None = None) -> tuple[b
     )
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "import time:" in line}
     return "torch" in modules or "timm" in modules, proc.stdout
+
+
+def interrupt_after(monkeypatch: Any, steps: int) -> None:
+    """Make the next training run stop after ``steps`` optimizer steps as Ctrl-C would (checkpoint written, exit
+    130), for resume tests; undone by ``monkeypatch.undo()`` or at the test's end."""
+    from evcli.engine.trainer import Trainer
+
+    original = Trainer._train_step
+
+    def interrupting(self: Trainer, batches: Any) -> Any:
+        out = original(self, batches)
+        if self.ctx.step + 1 == steps:
+            self._interrupt = True
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupting)
