@@ -1,6 +1,7 @@
 """Which working size suits a shadow detector: BER / IoU of ``detect_shadow`` (the code path of ``evcli deshadow
 IMAGE --mask auto``) at several working sizes, on validation images (the held-out photos with the val renders of a
-detector recipe, as whole-photo squares at ``--val-size`` px), plus the share of shadow-free images flagged.
+detector recipe, as whole-photo squares at ``--val-size`` px) and thresholds, plus the share of shadow-free images
+flagged.
 
 These are the recipes' val images (not the quality bench's 480 px cases): choosing a working size here does not
 touch bench/deshadow_quality.py's sets. Writes bench/results/deshadow_detector_scale.json (command, machine).
@@ -28,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", nargs="+", default=["SHIPPED"], help="detector files (SHIPPED: the shipped one)")
     ap.add_argument("--work-sizes", nargs="+", type=int, default=[128, 192, 256, 384])
+    ap.add_argument("--thresholds", nargs="+", type=float, default=[0.5], help="probability thresholds (0.5: evcli's)")
     ap.add_argument("--val-size", type=int, default=384, help="side of the square val images (whole photos)")
     ap.add_argument("--samples", type=int, default=32, help="val images (the recipes' builtin_val_samples)")
     ap.add_argument("--seed", type=int, default=2, help="val render seed (a recipe's train.seed)")
@@ -48,16 +50,18 @@ def main() -> None:
     for w in args.weights:
         det = load_detector(None if w == "SHIPPED" else w)
         for ws in args.work_sizes:
-            sums, flagged = torch.zeros(4, dtype=torch.float64), []
-            for s in samples:
-                d = detect_shadow(det, s["shadow"], work_size=ws)
-                sums += confusion_sums(d.mask, s["mask"])
-                if not bool(s["mask"].any()):
-                    flagged.append(d.fraction)
-            row = {"weights": w, "own_work_size": int(det.work_size), "work_size": ws, **ber_iou(sums)}
-            row["shadow_free_flagged_mean"] = sum(flagged) / max(1, len(flagged))
-            rows.append(row)
-            print(json.dumps(row))
+            for th in args.thresholds:
+                sums, flagged = torch.zeros(4, dtype=torch.float64), []
+                for s in samples:
+                    d = detect_shadow(det, s["shadow"], threshold=th, work_size=ws)
+                    sums += confusion_sums(d.mask, s["mask"])
+                    if not bool(s["mask"].any()):
+                        flagged.append(d.fraction)
+                row = {"weights": w, "own_work_size": int(det.work_size), "work_size": ws, "threshold": th}
+                row.update(ber_iou(sums))
+                row["shadow_free_flagged_mean"] = sum(flagged) / max(1, len(flagged))
+                rows.append(row)
+                print(json.dumps(row))
     report = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "machine": {
